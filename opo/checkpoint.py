@@ -1,0 +1,142 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint is a folder RUN_DIR/checkpoints/step_N/ holding
+
+    model.safetensors      the weights
+    optimizer.pt           optimiser state (tensors and numbers only; loaded weights_only=True)
+    tensors.safetensors    torch RNG states and the KL probe
+    trainer_state.json     step, policy version, data-sampler position, scheduler state,
+                           python/numpy RNG states, the metrics rows so far
+
+It is written into a hidden temporary folder, every file is fsync'd, and only then is
+the folder renamed to step_N, so a folder with that name is always complete. Nothing
+is ever unpickled except through torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+FILES = ("model.safetensors", "optimizer.pt", "tensors.safetensors", "trainer_state.json")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message says which and why."""
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """Every RNG the run draws from: JSON-able parts and tensor parts."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    plain = {"python": [version, list(internal), gauss],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda{i}"] = s
+    return plain, tensors
+
+
+def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, state: dict,
+                    tensors: dict[str, torch.Tensor], keep: int) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{step}"
+    tmp = root / f".step_{step}.tmp{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                  str(tmp / "tensors.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        for name in FILES:
+            _fsync(tmp / name)
+        _fsync(tmp)
+        if final.exists():  # re-saving a step (after a resume): move the old one aside first
+            old = root / f".step_{step}.old{os.getpid()}"
+            final.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(final)
+        _fsync(root)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p.name for s, p in list_checkpoints(run_dir) if s != step]
+        kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
+        raise CheckpointError(f"could not write the checkpoint for step {step} in {root}: "
+                              f"{exc.strerror or exc}{kept}") from exc
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, *, model, optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore model and optimiser in place; return (trainer state, extra tensors)."""
+    path = Path(path)
+    missing = [n for n in FILES if not (path / n).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        tensors = load_file(str(path / "tensors.safetensors"))
+        missing_keys, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        if unexpected or missing_keys:
+            raise CheckpointError(f"checkpoint {path} does not match the model: missing "
+                                  f"{missing_keys[:3]}, unexpected {unexpected[:3]}")
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True,
+                                             map_location="cpu"))
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt checkpoint
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    return state, tensors
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"cannot resume: run folder {run_dir} does not exist")
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"cannot resume: {run_dir} has no checkpoints (expected "
+                              f"{run_dir}/checkpoints/step_N; set checkpoint.every > 0)")
+    return found[-1][1]

@@ -1,0 +1,172 @@
+"""Command line: `opo train`, `opo eval`, `opo toy-base`, `opo config`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from opo.config import ConfigError, field_docs, list_presets, load_config
+
+USAGE_ERRORS = (ConfigError, ValueError, FileNotFoundError)
+
+
+def _default_run_dir(cfg) -> str:
+    return f"runs/{cfg.preset}-{cfg.algo.estimator}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_train(args) -> int:
+    from opo.trainer import load_run_config, train
+
+    if args.resume:
+        if args.config and "=" not in args.config:
+            raise ConfigError("--resume takes its config from the run folder; give only key=value overrides")
+        overrides = ([args.config] if args.config else []) + args.overrides
+        cfg = load_run_config(args.resume, overrides)
+        cfg.run.dir = args.resume
+    else:
+        source, overrides = args.config, args.overrides
+        if source and "=" in source:  # `opo train key=value ...` with the default preset
+            source, overrides = None, [source, *overrides]
+        cfg = load_config(source or "tiny", overrides)
+        cfg.run.dir = cfg.run.dir or _default_run_dir(cfg)
+    train(cfg, resume=bool(args.resume))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from opo.config import Config, DataConfig, _merge
+    from opo.data import load_examples
+    from opo.evaluate import evaluate
+    from opo.models import eos_ids, load_policy
+    from opo.rewards import RewardScorer
+    from opo.rollout import make_engine
+
+    cfg = load_config(args.preset) if args.preset else Config()
+    data: DataConfig = cfg.data
+    if args.task:
+        data.source, data.task = "reasoning_gym", args.task
+        if args.task in ("toy_addition", "champ"):
+            data.source, data.task = args.task, ""
+    if args.data:
+        data.source = args.data
+    if args.task_config:
+        data.task_config = json.loads(args.task_config)
+    for text in args.set:
+        from opo.config import _parse_override
+
+        _merge(cfg, _parse_override(text))
+    if args.reward:
+        cfg.reward.kind = args.reward
+    elif args.task and data.source == "reasoning_gym":
+        cfg.reward.kind = "reasoning_gym"
+    k = [int(x) for x in args.k.split(",")]
+    n = max(args.n, max(k))
+    _, held_out = load_examples(data)
+    if args.limit:
+        held_out = held_out[:args.limit]
+    model, tokenizer = load_policy(args.model or cfg.model.path, cfg.model.dtype, cfg.model.device,
+                                   cfg.model.cache_dir)
+    engine = make_engine(cfg.rollout.engine, model, tokenizer, eos_ids(model, tokenizer),
+                         cfg.rollout.batch_size)
+    temperature = args.temperature if args.temperature is not None else (0.0 if n == 1 else 1.0)
+    scorer = RewardScorer(kind=cfg.reward.kind, timeout_s=cfg.reward.timeout_s,
+                          workers=cfg.reward.workers, isolate=cfg.reward.isolate)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(held_out), desc="opo eval", unit="problem") as bar:
+        result = evaluate(engine, tokenizer, held_out, scorer, cfg.prompt, samples=n,
+                          temperature=temperature, k=k, max_new_tokens=args.max_new_tokens
+                          or cfg.rollout.max_new_tokens, chunk=args.batch,
+                          progress=lambda done, total: bar.update(done - bar.n))
+    scorer.close()
+    result.update(model=args.model or cfg.model.path, task=data.task or data.source,
+                  temperature=temperature)
+    print(f"\n{'metric':<14}value")
+    for key, value in result.items():
+        if key.startswith(("pass@", "maj@")) or key == "mean_length":
+            print(f"{key:<14}{value:.4f}")
+    print(f"{'problems':<14}{result['problems']}  ({n} samples each, temperature {temperature})")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_toy_base(args) -> int:
+    from opo.toy import ASSET_DIR, build_toy_base
+
+    out = build_toy_base(args.out or ASSET_DIR)
+    print(f"wrote the tiny model to {out}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    if args.fields:
+        for key, text, default in field_docs():
+            print(f"{key} = {default!r}\n    {text}")
+        return 0
+    from opo.config import dump_yaml
+
+    print(dump_yaml(load_config(args.preset or "tiny", args.overrides)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opo", description="On-policy RL with the optimal reward baseline.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a policy (default: the built-in tiny preset)")
+    p.add_argument("config", nargs="?", help=f"preset name ({', '.join(list_presets())}) or YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as trainer.steps=50")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="report pass@k, maj@k and response length on held-out problems")
+    p.add_argument("--model", help="model path or built-in name (default: the preset's)")
+    p.add_argument("--preset", help="take data, prompt and reward settings from this preset or YAML")
+    p.add_argument("--task", help="reasoning-gym task name, or toy_addition / champ")
+    p.add_argument("--task-config", help="JSON object of task generator settings")
+    p.add_argument("--data", help="a .jsonl/.json/.parquet file or a saved `datasets` folder")
+    p.add_argument("--reward", help="reward kind (default: the preset's, or reasoning_gym for --task)")
+    p.add_argument("--n", type=int, default=1, help="samples per problem")
+    p.add_argument("--k", default="1", help="comma-separated k values for pass@k and maj@k")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N problems")
+    p.add_argument("--temperature", type=float, help="default: 0 (greedy) for n=1, else 1")
+    p.add_argument("--max-new-tokens", type=int, default=0)
+    p.add_argument("--batch", type=int, default=64, help="problems generated at once")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config override")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("toy-base", help="rebuild the tiny preset's warm-started weights")
+    p.add_argument("--out", help="output folder (default: the package's assets/tiny)")
+    p.set_defaults(func=cmd_toy_base)
+
+    p = sub.add_parser("config", help="print a resolved config, or every field with its documentation")
+    p.add_argument("preset", nargs="?")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--fields", action="store_true", help="list every config key with its documentation")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from opo.checkpoint import CheckpointError
+    from opo.data import DataError
+    from opo.models import ModelError
+    from opo.trainer import TrainingError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ModelError, CheckpointError, TrainingError) as exc:
+        print(f"opo: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""One typed config for everything.
+
+Every field carries its documentation in ``doc(...)``; ``opo config --help-fields``
+prints them. A config is built from the defaults (the ``tiny`` preset), then a YAML
+file, then dotted ``key=value`` overrides from the command line. Unknown keys and
+values of the wrong type or outside the allowed set are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value is not allowed."""
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class RunConfig:
+    dir: str = doc("Run folder; metrics, config, checkpoints and the final model go here. "
+                   "Empty means runs/<preset>-<estimator>-<timestamp>.", "")
+
+
+@dataclass
+class ModelConfig:
+    path: str = doc("Model: `tiny` (built in), `smollm2-135m-instruct`, `gemma3-270m`, "
+                    "a local Hugging Face folder, a .gguf file, or a hub id.", "tiny")
+    dtype: Literal["float32", "bfloat16", "float16"] = doc("Parameter dtype for training.", "float32")
+    device: str = doc("`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:N`.", "auto")
+    cache_dir: str = doc("Where GGUF models are cached as safetensors; empty means ~/.cache/opo.", "")
+    gradient_checkpointing: bool = doc("Trade compute for memory in the backward pass.", False)
+
+
+@dataclass
+class DataConfig:
+    source: str = doc("`toy_addition`, `reasoning_gym`, `champ`, or a path to a .jsonl/.json/"
+                      ".parquet file or a folder saved by `datasets`.", "toy_addition")
+    task: str = doc("reasoning-gym task name when source=reasoning_gym.", "")
+    task_config: dict = doc("Keyword arguments for the task generator (reasoning-gym config "
+                            "fields, or toy_addition's min_digits/max_digits).", factory=dict)
+    train_size: int = doc("Number of training problems generated (procedural sources) or kept "
+                          "(files; 0 = all that remain after the held-out split).", 20000)
+    eval_size: int = doc("Number of held-out problems, split off deterministically.", 200)
+    seed: int = doc("Seed for generating and splitting the data.", 1234)
+    question_field: str = doc("Field holding the question in file sources.", "question")
+    answer_field: str = doc("Field holding the gold answer in file sources.", "answer")
+
+
+@dataclass
+class PromptConfig:
+    template: Literal["auto", "chat", "plain"] = doc(
+        "`chat` applies the tokenizer's chat template, `plain` uses plain_format, "
+        "`auto` picks chat when the tokenizer has a template.", "auto")
+    system_prompt: str = doc("System message for chat templates; empty for none.", "")
+    instruction: str = doc("Text appended after the question, e.g. 'Put the final answer "
+                           "in \\boxed{}.'; empty for none.", "")
+    plain_format: str = doc("Format for plain prompts, with {question} and {instruction}.",
+                            "{question}{instruction}")
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["hf"] = doc("Rollout engine. `hf` is transformers' generate (CPU or GPU).", "hf")
+    prompts_per_step: int = doc("Prompts per rollout batch.", 16)
+    samples_per_prompt: int = doc("K, responses sampled per prompt (the group size).", 8)
+    temperature: float = doc("Sampling temperature.", 1.0)
+    top_p: float = doc("Nucleus sampling threshold; 1.0 disables it.", 1.0)
+    max_new_tokens: int = doc("Response length limit in tokens.", 32)
+    batch_size: int = doc("Sequences generated at once; 0 = the whole rollout batch.", 0)
+
+
+@dataclass
+class AlgoConfig:
+    estimator: str = doc("Advantage estimator from opo.advantages.ESTIMATORS: opo, opo_batch, "
+                         "grpo, dr_grpo, rloo, reinforce_pp.", "opo")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = doc(
+        "How per-token losses are reduced. token-mean over all response tokens of the batch "
+        "is the paper's choice.", "token-mean")
+    updates_per_batch: int = doc("Optimiser steps per rollout batch. 1 is exact on-policy (OPO); "
+                                 ">1 splits the batch into mini-batches with PPO clipping.", 1)
+    clip_eps: float = doc("PPO clip range, used only when updates_per_batch > 1.", 0.2)
+    kl_coef: float = doc("Coefficient of a KL penalty to the starting model (k3 estimator). 0 "
+                         "loads no reference model.", 0.0)
+    entropy_coef: float = doc("Coefficient of an entropy bonus; 0 disables it.", 0.0)
+    micro_batch_size: int = doc("Sequences per forward/backward; gradients are accumulated "
+                                "inside the one optimiser step. 0 = whole batch.", 0)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = doc("AdamW learning rate.", 2e-4)
+    weight_decay: float = doc("AdamW weight decay.", 0.0)
+    beta1: float = doc("AdamW beta1.", 0.9)
+    beta2: float = doc("AdamW beta2.", 0.99)
+    grad_clip: float = doc("Clip the global gradient norm to this; 0 disables clipping.", 1.0)
+    warmup_steps: int = doc("Linear learning-rate warm-up steps.", 0)
+    schedule: Literal["constant", "cosine", "linear"] = doc("Learning-rate decay after warm-up.",
+                                                           "constant")
+
+
+@dataclass
+class RewardConfig:
+    kind: str = doc("`exact_match` (last number or text after the answer marker), `math_verify`, "
+                    "`reasoning_gym` (the task's own scorer), or `module:function` for a user "
+                    "function f(prompt, response, example) -> float.", "exact_match")
+    format_weight: float = doc("Weight of a format reward (1 when a final answer could be "
+                               "extracted); 0 disables it.", 0.0)
+    timeout_s: float = doc("Hard time limit per reward check, in seconds (isolated rewards).", 5.0)
+    workers: int = doc("Worker processes for isolated reward checks.", 2)
+    isolate: Literal["auto", "always", "never"] = doc(
+        "Run checks in killable worker processes. `auto` isolates math_verify and user "
+        "functions and runs the built-in string checks in-process.", "auto")
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = doc("Rollout batches to train on.", 150)
+    seed: int = doc("Seed for sampling, data order and initialisation.", 0)
+    eval_every: int = doc("Held-out evaluation every N steps; 0 = only at start and end.", 25)
+    max_bad_steps: int = doc("Abort after this many consecutive steps with a NaN/inf loss or "
+                             "gradient (each such step is skipped).", 5)
+    threads: int = doc("torch CPU threads; 0 leaves torch's default.", 0)
+    progress: bool = doc("Show a live progress bar.", True)
+
+
+@dataclass
+class EvalConfig:
+    samples: int = doc("Samples per held-out problem; 1 with temperature 0 is greedy accuracy.", 1)
+    temperature: float = doc("Sampling temperature for evaluation; 0 is greedy.", 0.0)
+    k: list = doc("pass@k values reported (each <= samples).", factory=lambda: [1])
+    batch_size: int = doc("Sequences generated at once in evaluation.", 256)
+
+
+@dataclass
+class MetricsConfig:
+    kl_probe_size: int = doc("Responses sampled from the starting policy to estimate "
+                             "kl_to_init each step; 0 disables the estimate.", 64)
+    repetition_ngram: int = doc("n of the n-grams counted by repetition_rate.", 4)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = doc("Steps between checkpoints; 0 = only the final save.", 0)
+    keep: int = doc("Checkpoints kept; older ones are deleted.", 2)
+
+
+@dataclass
+class Config:
+    preset: str = doc("Name of the preset this config started from.", "tiny")
+    run: RunConfig = doc("Run folder.", factory=RunConfig)
+    model: ModelConfig = doc("Policy model.", factory=ModelConfig)
+    data: DataConfig = doc("Training and held-out problems.", factory=DataConfig)
+    prompt: PromptConfig = doc("How questions become prompts.", factory=PromptConfig)
+    rollout: RolloutConfig = doc("Sampling.", factory=RolloutConfig)
+    algo: AlgoConfig = doc("Advantage estimator and policy loss.", factory=AlgoConfig)
+    optim: OptimConfig = doc("Optimiser.", factory=OptimConfig)
+    reward: RewardConfig = doc("Verifiable reward.", factory=RewardConfig)
+    trainer: TrainerConfig = doc("Loop settings.", factory=TrainerConfig)
+    eval: EvalConfig = doc("Held-out evaluation.", factory=EvalConfig)
+    metrics: MetricsConfig = doc("Diagnostics.", factory=MetricsConfig)
+    checkpoint: CheckpointConfig = doc("Checkpoints.", factory=CheckpointConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it converted where lossless."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; use {_describe(tp)}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return [value]
+    raise ConfigError(f"{key}: expected {_describe(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
+    """Apply a nested dict of updates onto a config dataclass, checking every key."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key {full!r}{hint}; allowed keys here: "
+                              + ", ".join(prefix + n for n in names))
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, full + ".")
+        else:
+            setattr(obj, key, _coerce(full, value, hints[key]))
+
+
+def _parse_override(text: str) -> dict:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    nested: dict = {}
+    node = nested
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; presets: {', '.join(list_presets())}")
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then a preset name or YAML path, then dotted overrides."""
+    cfg = Config()
+    if source:
+        path = Path(source)
+        if not path.suffix and (PRESET_DIR / f"{source}.yaml").exists():
+            path = PRESET_DIR / f"{source}.yaml"
+        data = read_yaml(path)
+        data.setdefault("preset", path.stem)
+        _merge(cfg, data)
+    for text in overrides:
+        _merge(cfg, _parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    from opo.advantages import ESTIMATORS
+
+    def need(cond: bool, key: str, allowed: str, value: Any) -> None:
+        if not cond:
+            raise ConfigError(f"{key}: {value!r} is not allowed; {allowed}")
+
+    need(cfg.algo.estimator in ESTIMATORS, "algo.estimator",
+         "use one of " + ", ".join(sorted(ESTIMATORS)), cfg.algo.estimator)
+    need(cfg.rollout.samples_per_prompt >= 1, "rollout.samples_per_prompt", "use an integer >= 1",
+         cfg.rollout.samples_per_prompt)
+    need(cfg.rollout.prompts_per_step >= 1, "rollout.prompts_per_step", "use an integer >= 1",
+         cfg.rollout.prompts_per_step)
+    need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "use an integer >= 1",
+         cfg.rollout.max_new_tokens)
+    need(cfg.rollout.temperature > 0, "rollout.temperature", "use a number > 0",
+         cfg.rollout.temperature)
+    need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "use a number in (0, 1]", cfg.rollout.top_p)
+    need(cfg.algo.updates_per_batch >= 1, "algo.updates_per_batch", "use an integer >= 1",
+         cfg.algo.updates_per_batch)
+    n_seqs = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
+    need(cfg.algo.updates_per_batch <= n_seqs, "algo.updates_per_batch",
+         f"use at most the rollout batch size ({n_seqs})", cfg.algo.updates_per_batch)
+    need(cfg.algo.clip_eps > 0, "algo.clip_eps", "use a number > 0", cfg.algo.clip_eps)
+    need(cfg.algo.kl_coef >= 0, "algo.kl_coef", "use a number >= 0", cfg.algo.kl_coef)
+    need(cfg.optim.lr > 0, "optim.lr", "use a number > 0", cfg.optim.lr)
+    need(cfg.trainer.steps >= 0, "trainer.steps", "use an integer >= 0", cfg.trainer.steps)
+    need(cfg.trainer.eval_every >= 0, "trainer.eval_every", "use an integer >= 0",
+         cfg.trainer.eval_every)
+    need(cfg.checkpoint.every >= 0, "checkpoint.every", "use an integer >= 0 (0 = final only)",
+         cfg.checkpoint.every)
+    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "use an integer >= 1", cfg.checkpoint.keep)
+    need(cfg.data.eval_size >= 1, "data.eval_size", "use an integer >= 1", cfg.data.eval_size)
+    need(cfg.eval.samples >= 1, "eval.samples", "use an integer >= 1", cfg.eval.samples)
+    for k in cfg.eval.k:
+        need(isinstance(k, int) and 1 <= k <= cfg.eval.samples, "eval.k",
+             f"use integers between 1 and eval.samples ({cfg.eval.samples})", cfg.eval.k)
+    need(cfg.reward.timeout_s > 0, "reward.timeout_s", "use a number > 0", cfg.reward.timeout_s)
+    need(cfg.reward.workers >= 1, "reward.workers", "use an integer >= 1", cfg.reward.workers)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    _merge(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def field_docs(obj: Any = None, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted key, documentation, default) for every leaf field."""
+    obj = Config() if obj is None else obj
+    rows = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += field_docs(value, f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, f.metadata.get("doc", ""), value))
+    return rows
+
+
+__all__ = ["Config", "ConfigError", "load_config", "from_dict", "to_dict", "dump_yaml",
+           "field_docs", "list_presets", "validate"]

@@ -1,0 +1,33 @@
+"""Reward functions for tests/test_rewards.py, imported by name inside worker processes."""
+
+import math
+import os
+import time
+
+
+def misbehaving(prompt, response, example):
+    """Behaves as the response says; otherwise 1.0 when the response equals the answer."""
+    if response == "raise":
+        raise ValueError("boom")
+    if response == "hang":
+        time.sleep(60)
+    if response == "nan":
+        return math.nan
+    if response == "inf":
+        return math.inf
+    if response == "string":
+        return "1.0"
+    if response == "none":
+        return None
+    if response == "true":
+        return True
+    if response == "die":
+        os._exit(3)
+    return float(response == example["answer"])
+
+
+def add(a, b):
+    return a + b
+
+
+not_callable = 42

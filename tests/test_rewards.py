@@ -1,0 +1,314 @@
+"""Tests for opo.rewards: extraction, built-in rewards, the isolated pool and the batch scorer."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from opo.rewards import (REWARDS, IsolatedPool, RewardScorer, exact_match, extract_boxed,
+                         extract_final_answer, format_reward, load_user_reward, math_equivalent)
+
+# Workers start with the parent's sys.path, so this makes tests/reward_fns.py importable there.
+TESTS_DIR = str(Path(__file__).resolve().parent)
+if TESTS_DIR not in sys.path:
+    sys.path.insert(0, TESTS_DIR)
+
+MEGABYTE = 1 << 20
+
+
+def ex(answer, **meta):
+    return {"question": "q", "answer": answer, "meta": meta}
+
+
+# --------------------------------------------------------------------------- extraction
+
+def test_boxed_handles_nested_braces_and_takes_the_last_box():
+    assert extract_boxed(r"so \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
+    assert extract_boxed(r"\boxed{1} then \boxed{ x^{2} }") == "x^{2}"
+    assert extract_boxed(r"\fbox{7}") == "7"
+    assert extract_boxed(r"\boxed {3}") == "3"
+
+
+def test_boxed_skips_an_unclosed_last_box_and_returns_none_without_a_box():
+    assert extract_boxed(r"\boxed{5} and then \boxed{6") == "5"
+    assert extract_boxed(r"\boxed{") is None
+    assert extract_boxed("no box here {}") is None
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("it is -3", "-3"),
+    ("first 2 then 4.5", "4.5"),
+    ("half is 1/2", "1/2"),
+    ("total 1,234,567 apples", "1234567"),
+    ("a list 1,2", "2"),  # not a thousands group
+    ("5-3 is 2", "2"),
+    ("7-3", "3"),  # a minus after a digit is subtraction, not a sign
+    ("about .5", ".5"),
+    (r"\boxed{x+1} but 3", "x+1"),  # the box wins over numbers
+    (r"\boxed{} then 3", "3"),  # an empty box does not count
+    ("no digits", None),
+    ("", None),
+])
+def test_last_number_fallback(text, expected):
+    assert extract_final_answer(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("work\nAnswer: 42\nthanks", "42"),
+    ("the answer: yes", "yes"),
+    ("#### 7", "7"),
+    ("x = 5", "5"),
+    ("**Answer:** 4", "4"),
+    ("answer: 1 and x = 9", "9"),  # the last marker wins
+    ("Answer:", None),
+    ("nothing to see", None),
+])
+def test_after_marker_fallback(text, expected):
+    assert extract_final_answer(text, fallback="after_marker") == expected
+
+
+def test_no_fallback_and_bad_fallback():
+    assert extract_final_answer("it is 3", fallback="none") is None
+    assert extract_final_answer(r"\boxed{3}", fallback="none") == "3"
+    with pytest.raises(ValueError, match="fallback"):
+        extract_final_answer("3", fallback="first_number")
+
+
+@pytest.mark.parametrize("text", [
+    "\\boxed{" * (MEGABYTE // 7),  # many unclosed boxes
+    "\\boxed" + "{" * MEGABYTE,
+    "1," * (MEGABYTE // 2),
+    "9" * MEGABYTE,
+    "-." * (MEGABYTE // 2),
+    "answer:" * (MEGABYTE // 7),
+    "a " * (MEGABYTE // 2),
+])
+def test_extraction_is_fast_on_a_megabyte(text):
+    start = time.monotonic()
+    for fallback in ("last_number", "after_marker"):
+        extract_final_answer(text, fallback)
+    assert time.monotonic() - start < 2.0  # a sanity bound against quadratic paths
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="\\boxedfb{}0123456789.,-/=:answer #\n", max_size=200))
+def test_extraction_never_raises(text):
+    for fallback in ("last_number", "after_marker", "none"):
+        answer = extract_final_answer(text, fallback)
+        assert answer is None or isinstance(answer, str)
+
+
+@given(st.integers(min_value=-10**12, max_value=10**12))
+def test_last_number_reads_back_any_integer_with_thousands_commas(n):
+    assert extract_final_answer(f"So the total is {n:,}.") == str(n)
+
+
+# --------------------------------------------------------------------------- exact_match, format
+
+@pytest.mark.parametrize("response, gold, expected", [
+    ("The answer is 5.0", "5", 1.0),
+    ("it is 5", "5.0", 1.0),
+    ("we get 1,234.", "1234", 1.0),
+    ("we get 1234", "1,234", 1.0),
+    (r"\boxed{ 1 / 2 }", "0.5", 1.0),
+    (r"\boxed{42.}", "42", 1.0),
+    ("it is 6", "5", 0.0),
+    ("no number", "5", 0.0),
+    ("Answer: yes", "yes", 1.0),  # a non-numeric gold answer is read after the marker
+    ("Answer: no", "yes", 0.0),
+    (r"\boxed{(1, 2)}", "(1,2)", 1.0),
+    ("Answer: ", "", 0.0),
+])
+def test_exact_match(response, gold, expected):
+    assert exact_match("p", response, ex(gold)) == expected
+
+
+def test_format_reward():
+    assert format_reward("p", r"\boxed{x}", ex("5")) == 1.0
+    assert format_reward("p", "it is 3", ex("5")) == 1.0
+    assert format_reward("p", "no idea", ex("5")) == 0.0
+    assert format_reward("p", "Answer: blue", ex("red")) == 1.0
+
+
+# --------------------------------------------------------------------------- math_equivalent
+
+@pytest.fixture(scope="module")
+def warm_math():
+    # The first call starts the shared workers (interpreter start plus the math_verify
+    # import); do it once so timing assertions measure checks, not start-up.
+    assert math_equivalent(r"\boxed{1}", "1") == 1.0
+
+
+@pytest.mark.parametrize("response, gold", [
+    (r"\boxed{\frac12}", "0.5"),
+    (r"\boxed{0.5}", r"\frac{1}{2}"),
+    (r"\boxed{0.5}", "1/2"),
+    ("so it is 1/2", r"$\frac{1}{2}$"),
+    (r"\boxed{(x+1)^2}", "x^2+2x+1"),
+    (r"\boxed{\dfrac{3}{4}}", r"\boxed{0.75}"),
+])
+def test_math_equivalent_accepts_equal_forms(warm_math, response, gold):
+    assert math_equivalent(response, gold) == 1.0
+
+
+@pytest.mark.parametrize("response, gold", [
+    (r"\boxed{0.4}", "1/2"),
+    ("it is 3", "4"),
+    ("no answer at all", "4"),
+    (r"\boxed{???}", "???"),  # unparseable gold: never 1, even for an identical "answer"
+    ("1", ""),
+    (r"\boxed{}", ""),
+])
+def test_math_equivalent_rejects(warm_math, response, gold):
+    assert math_equivalent(response, gold) == 0.0
+
+
+@pytest.mark.parametrize("response", [
+    r"\boxed{9^{9^{9^{9}}}}",
+    "7 " * (MEGABYTE // 2),
+    r"\boxed{" + "(" * (MEGABYTE // 4) + "1" + ")" * (MEGABYTE // 4) + "}",
+])
+def test_math_equivalent_bounds_hostile_output(warm_math, response):
+    start = time.monotonic()
+    assert math_equivalent(response, "1", timeout_s=2) == 0.0
+    assert time.monotonic() - start < 2 + 3  # the timeout plus a margin for a busy machine
+
+
+def test_math_equivalent_from_other_threads(warm_math):
+    results = {}
+
+    def check(i):
+        results[i] = math_equivalent(rf"\boxed{{{i}}}", str(i if i % 2 else i + 1))
+
+    threads = [threading.Thread(target=check, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {0: 0.0, 1: 1.0, 2: 0.0, 3: 1.0}
+
+
+# --------------------------------------------------------------------------- user rewards, pool
+
+def test_load_user_reward_and_its_errors():
+    assert load_user_reward("reward_fns:add")(2, 3) == 5
+    with pytest.raises(ValueError, match="no_such_module"):
+        load_user_reward("no_such_module:f")
+    with pytest.raises(ValueError, match="reward_fns:nope.*no attribute"):
+        load_user_reward("reward_fns:nope")
+    with pytest.raises(ValueError, match="not a function"):
+        load_user_reward("reward_fns:not_callable")
+    with pytest.raises(ValueError, match="module:function"):
+        load_user_reward("reward_fns")
+
+
+def test_pool_runs_calls_in_order_and_contains_failures():
+    with IsolatedPool(workers=2, timeout_s=1.0, preload=["reward_fns"]) as pool:
+        outcomes = pool.map("reward_fns:add", [(i, 1) for i in range(20)])
+        assert [o.value for o in outcomes] == list(range(1, 21))
+        died, fine = pool.map("reward_fns:misbehaving", [("p", "die", {}), ("p", "a", ex("a"))])
+        assert not died.ok and "worker died" in died.error and not died.timed_out
+        assert fine.ok and fine.value == 1.0
+        missing = pool.map("reward_fns:nope", [()])[0]
+        assert "AttributeError" in missing.error
+        with pytest.raises(TypeError, match="JSON"):
+            pool.map("reward_fns:add", [(object(), 1)])
+        assert pool.map("reward_fns:add", [("a", "b")])[0].value == "ab"
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.map("reward_fns:add", [(1, 1)])
+
+
+@pytest.fixture(scope="module")
+def user_scorer():
+    with RewardScorer(kind="reward_fns:misbehaving", timeout_s=1.0, workers=2) as scorer:
+        yield scorer
+
+
+def test_scorer_contains_misbehaving_user_rewards(user_scorer):
+    responses = ["good", "raise", "hang", "nan", "inf", "string", "none", "true", "bad", "good"]
+    examples = [ex("good") for _ in responses]
+    result = user_scorer.score(["p"] * len(responses), responses, examples)
+    assert result.rewards == [1.0, 0, 0, 0, 0, 0, 0, 1.0, 0, 1.0]
+    assert result.correct == [True, False, False, False, False, False, False, True, False, True]
+    assert result.errors == 6  # raise, hang, nan, inf, string, none
+    assert result.timeouts == 1
+    messages = " | ".join(result.error_messages)
+    assert len(result.error_messages) == 5  # only the first few are kept
+    assert "ValueError: boom" in messages and "timed out" in messages
+    assert all(len(m) <= 200 for m in result.error_messages)
+
+    # The pool replaced the killed worker and keeps scoring.
+    again = user_scorer.score(["p", "p"], ["good", "bad"], [ex("good"), ex("good")])
+    assert again.rewards == [1.0, 0.0] and again.errors == 0
+
+
+def test_scorer_isolated_calls_run_in_parallel(user_scorer):
+    user_scorer.score(["p"], ["good"], [ex("good")])  # the pool is warm
+    start = time.monotonic()
+    result = user_scorer.score(["p", "p"], ["hang", "hang"], [ex("x"), ex("x")])
+    assert result.timeouts == 2
+    assert time.monotonic() - start < 1.9  # both deadlines ran side by side, not one after another
+
+
+def test_scorer_exact_match_in_process_with_format_weight():
+    scorer = RewardScorer(kind="exact_match", format_weight=0.1)
+    assert not scorer.isolated
+    result = scorer.score(["p"] * 4, ["it is 5", "it is 6", "no idea", "it is 5"],
+                          [ex("5"), ex("5"), ex("5"), {"question": "q"}])
+    assert result.rewards == pytest.approx([1.1, 0.1, 0.0, 0.0])
+    assert result.correct == [True, False, False, False]
+    assert result.errors == 1 and "KeyError" in result.error_messages[0]  # no "answer" key
+
+
+def test_scorer_math_verify_kind_is_isolated():
+    with RewardScorer(kind="math_verify", timeout_s=2.0, workers=2) as scorer:
+        assert scorer.isolated
+        result = scorer.score(["p"] * 3, [r"\boxed{\frac12}", r"\boxed{9^{9^{9^{9}}}}", "it is 3"],
+                              [ex("0.5"), ex("1"), ex("4")])
+    assert result.rewards == [1.0, 0.0, 0.0]
+    assert result.timeouts == 1 and result.errors == 1
+
+
+def test_scorer_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="unknown reward kind"):
+        RewardScorer(kind="exactmatch")
+    with pytest.raises(ValueError, match="no_such_module"):
+        RewardScorer(kind="no_such_module:f")
+    with pytest.raises(ValueError, match="isolate"):
+        RewardScorer(isolate="sometimes")
+    with pytest.raises(ValueError, match="must match"):
+        RewardScorer().score(["p"], [], [])
+    assert set(REWARDS) == {"exact_match", "math_verify", "reasoning_gym"}
+
+
+# --------------------------------------------------------------------------- reasoning_gym
+
+@pytest.fixture(scope="module")
+def chain_sum_example():
+    import reasoning_gym
+
+    entry = reasoning_gym.create_dataset("chain_sum", size=1, seed=0)[0]
+    return {"question": entry["question"], "answer": entry["answer"],
+            "meta": {"rg_task": "chain_sum", "rg_entry": entry}}
+
+
+def test_reasoning_gym_kind_uses_the_task_scorer(chain_sum_example):
+    gold = chain_sum_example["answer"]
+    wrong = str(int(gold) + 1)
+    responses = [rf"\boxed{{{gold}}}", f"The answer is {gold}.", f"I think {wrong}", ""]
+    scorer = RewardScorer(kind="reasoning_gym")
+    result = scorer.score(["p"] * 4, responses, [chain_sum_example] * 4)
+    assert result.rewards == [1.0, 1.0, 0.0, 0.0]
+    assert result.errors == 0
+
+
+def test_reasoning_gym_kind_needs_its_metadata():
+    with pytest.raises(ValueError, match="rg_task"):
+        RewardScorer(kind="reasoning_gym").score(["p"], ["1"], [ex("1")])
+
