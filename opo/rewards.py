@@ -42,36 +42,42 @@ RewardFn = Callable[[str, str, dict], Any]
 
 # --------------------------------------------------------------------------- extraction
 
-# Opening of a box: the brace itself is matched separately, in linear time.
+# Opening of a box; its closing brace is found by counting (see extract_boxed).
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # A number: -3, 4.5, .5, 1,234,567 (thousands groups only, so "1,2" is two numbers), 1/2.
 # The leading minus must not follow a word character, so "5-3" ends in "3", not "-3".
 # Every part is a simple run or an optional suffix, so matching cannot backtrack badly.
-_NUMBER = re.compile(r"(?:(?<![\w.])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+|(?=\.\d))(?:\.\d+)?(?:/\d+)?")
+_NUMBER = re.compile(
+    r"(?:(?<![\w.])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+|(?=\.\d))(?:\.\d+)?(?:/\d+)?")
+_PLAIN_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?")
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _MARKERS = ("answer:", "####", "=")
 
 
-def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` or ``\\fbox{...}`` whose braces balance, else None.
+def _closing_brace(text: str, start: int, limit: int) -> int | None:
+    """Position of the "}" that closes the "{" at `start`, looking before `limit`; or None."""
+    depth, pos = 1, start + 1
+    while True:
+        close = text.find("}", pos, limit)
+        if close < 0:
+            return None
+        depth += text.count("{", pos, close) - 1  # str.find/count run in C: fast on long runs
+        if depth == 0:
+            return close
+        pos = close + 1
 
-    Braces are paired in one left-to-right pass, so the cost is linear in the text even
-    when it holds many unclosed boxes.
-    """
-    opens = [m.end() - 1 for m in _BOX_OPEN.finditer(text)]
-    if not opens:
-        return None
-    closing: dict[int, int] = {}  # position of "{" -> position of its "}"
-    stack: list[int] = []
-    for m in re.finditer(r"[{}]", text):
-        if m.group() == "{":
-            stack.append(m.start())
-        elif stack:
-            closing[stack.pop()] = m.start()
-    for start in reversed(opens):
-        end = closing.get(start)
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` or ``\\fbox{...}`` whose braces balance, else None."""
+    limit = len(text)
+    for match in reversed(list(_BOX_OPEN.finditer(text))):
+        start = match.end() - 1
+        end = _closing_brace(text, start, limit)
         if end is not None:
             return text[start + 1:end].strip()
+        # This box never closes, so the depth after it stays above its own level: an earlier
+        # box can only close before it. Each stretch of text is thus scanned once (linear).
+        limit = start
     return None
 
 
@@ -117,10 +123,13 @@ def extract_final_answer(text: str, fallback: str = "last_number") -> str | None
 
 
 def _as_number(text: str) -> Fraction | None:
+    # Only plain decimals and fractions of sane length: Fraction("1e999999999") would build
+    # a billion-digit integer, and this runs in the trainer process.
+    if len(text) > 100 or not _PLAIN_NUMBER.fullmatch(text):
+        return None
     try:
-        # Fraction takes "5", "5.0", "-1/2", "1e3"; huge digit strings raise ValueError.
         return Fraction(text)
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError):  # "1.5/2" passes the pattern, not Fraction
         return None
 
 
@@ -339,7 +348,6 @@ class IsolatedPool:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.timeout_s = float(timeout_s)
         self.preload = list(preload)
-        self.timeouts = 0  # calls killed at their deadline, over the pool's life
         self._size = workers
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
@@ -356,6 +364,8 @@ class IsolatedPool:
         with self._lock:
             if self._closed:
                 raise RuntimeError("IsolatedPool is closed")
+            if not requests:
+                return []
             outcomes: list[Outcome | None] = [None] * len(calls)
             try:
                 self._run(requests, outcomes, timeout)
@@ -371,11 +381,16 @@ class IsolatedPool:
             self._workers.append(_Worker(self.preload))
         while pending or any(w.job is not None for w in self._workers):
             now = time.monotonic()
-            for w in self._workers:
+            for w in list(self._workers):
                 if w.ready and w.job is None and pending:
-                    w.job = pending.popleft()
-                    w.deadline = now + timeout
-                    w.conn.send_bytes(requests[w.job])
+                    job = pending.popleft()
+                    try:
+                        w.conn.send_bytes(requests[job])
+                    except OSError:  # it died while idle: the call never ran, so requeue it
+                        pending.appendleft(job)
+                        self._replace(w)
+                        continue
+                    w.job, w.deadline = job, now + timeout
             waiting = [w for w in self._workers if w.job is not None or not w.ready]
             next_deadline = min(w.deadline if w.ready else w.started + _STARTUP_LIMIT_S
                                 for w in waiting)
@@ -386,8 +401,8 @@ class IsolatedPool:
             now = time.monotonic()
             for w in list(self._workers):
                 if w.job is not None and now >= w.deadline:
-                    outcomes[w.job] = Outcome(error=f"timed out after {timeout:g} s", timed_out=True)
-                    self.timeouts += 1
+                    outcomes[w.job] = Outcome(error=f"timed out after {timeout:g} s",
+                                              timed_out=True)
                     self._replace(w)
                 elif not w.ready and now >= w.started + _STARTUP_LIMIT_S:
                     self._replace(w)
@@ -396,15 +411,15 @@ class IsolatedPool:
     def _on_message(self, w: _Worker, message: dict | None, outcomes: list) -> None:
         if not w.ready:
             if message is None or not message.get("ready"):
-                error = (message or {}).get("error", f"exit code {w.proc.poll()}")
                 self._replace(w)
+                error = (message or {}).get("error", f"exit code {w.proc.returncode}")
                 # A worker that cannot start is a setup problem (bad preload, broken install).
                 raise RuntimeError(f"reward worker failed to start: {error}")
             w.ready = True
             return
         if message is None:
-            outcomes[w.job] = Outcome(error=f"worker died (exit code {w.proc.poll()})")
             self._replace(w)
+            outcomes[w.job] = Outcome(error=f"worker died (exit code {w.proc.returncode})")
         else:
             outcomes[w.job] = (Outcome(value=message["value"]) if "error" not in message
                                else Outcome(error=str(message["error"])))
@@ -544,7 +559,10 @@ class RewardScorer:
             for example in examples:
                 _rg_meta(example)  # a data mistake: raise rather than score everything 0
         calls = list(zip(prompts, responses, examples))
-        outcomes = self._run_isolated(calls) if self.isolated else [self._run_here(c) for c in calls]
+        if self.isolated:
+            outcomes = self._run_isolated(calls)
+        else:
+            outcomes = [self._run_here(call) for call in calls]
 
         result = RewardResult(rewards=[], correct=[])
         for i, (outcome, (_, response, example)) in enumerate(zip(outcomes, calls)):

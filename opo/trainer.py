@@ -112,7 +112,7 @@ def policy_update(model, optimizer, packed, advantages, cfg: Config, ref_model=N
                 total_seqs=float(len(chunk)), clip_eps=a.clip_eps if old_logp is not None else None,
                 entropy=entropy, entropy_coef=a.entropy_coef, ref_logp=ref, kl_coef=a.kl_coef)
             loss.backward()
-            stats["loss"] += float(loss) / a.updates_per_batch
+            stats["loss"] += float(loss.detach()) / a.updates_per_batch
             stats["clip_frac"] += st["clip_frac"] / a.updates_per_batch
             mask = micro.response_mask
             stats["entropy"] += float((entropy.detach() * mask).sum()) / float(packed.response_mask.sum())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 import time
@@ -83,6 +84,7 @@ def test_no_fallback_and_bad_fallback():
 @pytest.mark.parametrize("text", [
     "\\boxed{" * (MEGABYTE // 7),  # many unclosed boxes
     "\\boxed" + "{" * MEGABYTE,
+    "\\boxed{" + "{}" * (MEGABYTE // 2),  # balanced pairs inside a box that never closes
     "1," * (MEGABYTE // 2),
     "9" * MEGABYTE,
     "-." * (MEGABYTE // 2),
@@ -124,6 +126,8 @@ def test_last_number_reads_back_any_integer_with_thousands_commas(n):
     ("Answer: no", "yes", 0.0),
     (r"\boxed{(1, 2)}", "(1,2)", 1.0),
     ("Answer: ", "", 0.0),
+    (r"\boxed{1e999999999}", "1", 0.0),  # not expanded into a billion digits
+    (r"\boxed{1.5/2}", "0.75", 0.0),
 ])
 def test_exact_match(response, gold, expected):
     assert exact_match("p", response, ex(gold)) == expected
@@ -222,6 +226,30 @@ def test_pool_runs_calls_in_order_and_contains_failures():
         assert pool.map("reward_fns:add", [("a", "b")])[0].value == "ab"
     with pytest.raises(RuntimeError, match="closed"):
         pool.map("reward_fns:add", [(1, 1)])
+
+
+def test_pool_reports_a_worker_that_cannot_start():
+    with IsolatedPool(workers=1, preload=["no_such_module_for_opo"]) as pool:
+        with pytest.raises(RuntimeError, match="no_such_module_for_opo"):
+            pool.map("reward_fns:add", [(1, 1)])
+
+
+def test_pool_recovers_from_an_interrupted_map():
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with IsolatedPool(workers=1, timeout_s=30, preload=["reward_fns"]) as pool:
+            pool.map("reward_fns:add", [(1, 1)])
+            signal.setitimer(signal.ITIMER_REAL, 0.3)  # Ctrl-C while a call hangs
+            with pytest.raises(KeyboardInterrupt):
+                pool.map("reward_fns:misbehaving", [("p", "hang", {})])
+            # The worker holding the abandoned call was replaced, so no stale reply shows up.
+            assert pool.map("reward_fns:add", [(2, 3)])[0].value == 5
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")
