@@ -1,6 +1,6 @@
 """The built-in toy task and the `tiny` model that `opo train` uses by default.
 
-Task: add two numbers of 1-4 digits, writing the column totals from the right
+Task: add two numbers of the same number of digits (2-3 by default), writing the column totals from the right
 before the answer, so response length grows with the number of columns:
 
     prompt   "457+68="
@@ -8,12 +8,17 @@ before the answer, so response length grows with the number of columns:
 
 The model is a transformers LlamaForCausalLM with a character-level fast tokenizer
 built with `tokenizers`, so it runs through exactly the code path real models use.
-`opo toy-base` rebuilds the shipped weights: it warm-starts the model by supervised
-training on worked examples and stops early, leaving room for RL to improve it.
+`opo toy-base` rebuilds the shipped weights by supervised training on worked examples
+that are deliberately imperfect: in `slip_rate` (60%) of the demonstrations the carries
+are forgotten. The warm-started model therefore solves carry-free problems and, when
+sampled, carries correctly only some of the time; greedy decoding mostly forgets. The
+verifier's reward is what teaches it to carry, so RL has clear, measurable work to do,
+much like RL after supervised fine-tuning on noisy human demonstrations.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from pathlib import Path
@@ -25,31 +30,41 @@ CHARS = "0123456789+=,>"
 SPECIAL = ["<pad>", "<eos>", "<unk>"]
 
 
-def worked_answer(a: int, b: int) -> tuple[str, str]:
-    """(response text, final answer) for a+b with column totals written out."""
+def worked_answer(a: int, b: int, carry_in: bool = True) -> tuple[str, str]:
+    """(response text, final answer) for a+b with column totals written out.
+
+    carry_in=False is the classic slip: each column's carry is never added to the next
+    column, and the answer is read off those wrong totals.
+    """
     xs, ys = str(a)[::-1], str(b)[::-1]
     totals, carry = [], 0
     for i in range(max(len(xs), len(ys))):
         total = int(xs[i] if i < len(xs) else 0) + int(ys[i] if i < len(ys) else 0) + carry
-        totals.append(str(total))
-        carry = total // 10
-    return ",".join(totals) + ">" + str(a + b), str(a + b)
+        totals.append(total)
+        carry = total // 10 if carry_in else 0
+    digits = [t % 10 for t in totals] + ([totals[-1] // 10] if totals[-1] >= 10 else [])
+    answer = str(int("".join(map(str, reversed(digits)))))
+    return ",".join(map(str, totals)) + ">" + answer, answer
 
 
-def make_addition_examples(n: int, seed: int, min_digits: int = 1, max_digits: int = 4) -> list[dict]:
-    """n problems `a+b=` with each operand's digit count uniform in [min_digits, max_digits]."""
+def make_addition_examples(n: int, seed: int, min_digits: int = 2, max_digits: int = 3) -> list[dict]:
+    """n problems `a+b=`; both operands have d digits, d uniform in [min_digits, max_digits].
+
+    Equal widths keep the columns aligned, so a model's mistakes are carries and sums
+    rather than reading the wrong digit, which is what RL can fix quickly.
+    """
     if not 1 <= min_digits <= max_digits:
         raise ValueError(f"toy_addition needs 1 <= min_digits <= max_digits, got "
                          f"{min_digits}, {max_digits}")
     rng = random.Random(seed)
 
-    def number() -> int:
-        d = rng.randint(min_digits, max_digits)
+    def number(d: int) -> int:
         return rng.randint(10 ** (d - 1) if d > 1 else 0, 10 ** d - 1)
 
     out = []
     for _ in range(n):
-        a, b = number(), number()
+        d = rng.randint(min_digits, max_digits)
+        a, b = number(d), number(d)
         worked, answer = worked_answer(a, b)
         out.append({"question": f"{a}+{b}=", "answer": answer, "meta": {"worked": worked}})
     return out
@@ -97,25 +112,51 @@ def _sft_batch(tokenizer, examples: list[dict]) -> tuple[torch.Tensor, torch.Ten
     return ids, lab
 
 
-def build_toy_base(out_dir: str | Path = ASSET_DIR, iters: int = 300, batch_size: int = 64,
-                   lr: float = 1e-3, seed: int = 0, log=print) -> Path:
-    """Deterministically warm-start the tiny model and save it as a HF folder (safetensors)."""
+def demonstrations(n: int, seed: int, slip_rate: float) -> list[dict]:
+    """Training demonstrations for the warm start; a `slip_rate` share forget carries."""
+    rng = random.Random(seed + 7)
+    out = []
+    for ex in make_addition_examples(n, seed=seed):
+        if rng.random() < slip_rate:
+            a, b = map(int, ex["question"][:-1].split("+"))
+            ex = {**ex, "meta": {"worked": worked_answer(a, b, carry_in=False)[0]}}
+        out.append(ex)
+    return out
+
+
+def build_toy_base(out_dir: str | Path = ASSET_DIR, iters: int = 1500, batch_size: int = 64,
+                   lr: float = 2e-3, slip_rate: float = 0.6, seed: int = 0, log=print,
+                   snapshot_every: int = 0) -> Path:
+    """Deterministically warm-start the tiny model and save it as a HF folder (safetensors).
+
+    The same command gives the same weights on the same machine and torch thread count.
+    """
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed=seed)
-    examples = make_addition_examples(iters * batch_size, seed=seed + 1)
+    examples = demonstrations(iters * batch_size, seed=seed + 1, slip_rate=slip_rate)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warm = max(iters // 20, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min((i + 1) / warm, 0.55 + 0.45 * math.cos(math.pi * min(i / iters, 1.0))))
     model.train()
     start = time.time()
     for it in range(iters):
         ids, lab = _sft_batch(tokenizer, examples[it * batch_size:(it + 1) * batch_size])
         loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=lab).loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
-        if it % 50 == 0 or it == iters - 1:
+        if it % 100 == 0 or it == iters - 1:
             log(f"toy-base iter {it:4d}  loss {loss.item():.4f}  {time.time() - start:.0f}s")
-    out_dir = Path(out_dir)
+        if snapshot_every and (it + 1) % snapshot_every == 0:
+            _save(model, tokenizer, Path(f"{out_dir}_{it + 1}"))
+    return _save(model, tokenizer, Path(out_dir))
+
+
+def _save(model, tokenizer, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -31,3 +31,7 @@ def add(a, b):
 
 
 not_callable = 42
+
+
+def always_raises(prompt, response, example):
+    raise RuntimeError("this reward function is broken")
