@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -76,8 +77,10 @@ def _gguf_to_folder(gguf: Path, cache_dir: str) -> Path:
     target = _cache_root(cache_dir) / f"{gguf.stem}-{key}"
     if (target / "config.json").exists():
         return target
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelError("loading GGUF files needs the `gguf` package; run: pip install gguf")
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelError(f"loading GGUF files needs {' and '.join(missing)}; run: "
+                         f"pip install {' '.join(missing)}  (or: pip install 'opo[real]')")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers refuses save_pretrained on GGUF-loaded models: rebuild a plain model.
@@ -90,7 +93,10 @@ def _gguf_to_folder(gguf: Path, cache_dir: str) -> Path:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     plain.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    tmp.replace(target) if not target.exists() else None
+    try:
+        tmp.rename(target)  # atomic; if another process won the race, keep theirs
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -1,6 +1,6 @@
 """The built-in toy task and the `tiny` model that `opo train` uses by default.
 
-Task: add two numbers of the same number of digits (2-3 by default), writing the column totals from the right
+Task: add two numbers of the same number of digits (2-4 by default), writing the column totals from the right
 before the answer, so response length grows with the number of columns:
 
     prompt   "457+68="
@@ -9,7 +9,7 @@ before the answer, so response length grows with the number of columns:
 The model is a transformers LlamaForCausalLM with a character-level fast tokenizer
 built with `tokenizers`, so it runs through exactly the code path real models use.
 `opo toy-base` rebuilds the shipped weights by supervised training on worked examples
-that are deliberately imperfect: in `slip_rate` (60%) of the demonstrations the carries
+that are deliberately imperfect: in `slip_rate` (70%) of the demonstrations the carries
 are forgotten. The warm-started model therefore solves carry-free problems and, when
 sampled, carries correctly only some of the time; greedy decoding mostly forgets. The
 verifier's reward is what teaches it to carry, so RL has clear, measurable work to do,
@@ -47,7 +47,7 @@ def worked_answer(a: int, b: int, carry_in: bool = True) -> tuple[str, str]:
     return ",".join(map(str, totals)) + ">" + answer, answer
 
 
-def make_addition_examples(n: int, seed: int, min_digits: int = 2, max_digits: int = 3) -> list[dict]:
+def make_addition_examples(n: int, seed: int, min_digits: int = 2, max_digits: int = 4) -> list[dict]:
     """n problems `a+b=`; both operands have d digits, d uniform in [min_digits, max_digits].
 
     Equal widths keep the columns aligned, so a model's mistakes are carries and sums
@@ -124,8 +124,8 @@ def demonstrations(n: int, seed: int, slip_rate: float) -> list[dict]:
     return out
 
 
-def build_toy_base(out_dir: str | Path = ASSET_DIR, iters: int = 1500, batch_size: int = 64,
-                   lr: float = 2e-3, slip_rate: float = 0.6, seed: int = 0, log=print,
+def build_toy_base(out_dir: str | Path = ASSET_DIR, iters: int = 1000, batch_size: int = 64,
+                   lr: float = 2e-3, slip_rate: float = 0.7, seed: int = 0, log=print,
                    snapshot_every: int = 0) -> Path:
     """Deterministically warm-start the tiny model and save it as a HF folder (safetensors).
 

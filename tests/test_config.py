@@ -15,12 +15,12 @@ def test_default_preset_is_tiny_opo_on_policy():
 
 def test_dotted_overrides_are_typed():
     cfg = load_config("tiny", ["algo.estimator=grpo", "trainer.steps=50", "optim.lr=5e-4",
-                               "trainer.progress=false", "data.task_config.max_digits=2"])
+                               "trainer.progress=false", "data.task_config.max_digits=3"])
     assert cfg.algo.estimator == "grpo"
     assert cfg.trainer.steps == 50
     assert cfg.optim.lr == pytest.approx(5e-4)
     assert cfg.trainer.progress is False
-    assert cfg.data.task_config == {"min_digits": 1, "max_digits": 2}
+    assert cfg.data.task_config == {"min_digits": 2, "max_digits": 3}
 
 
 def test_yaml_file_then_overrides(tmp_path):
@@ -75,3 +75,22 @@ def test_every_field_is_documented():
     assert len(rows) > 40
     undocumented = [key for key, text, _ in rows if not text.strip()]
     assert undocumented == []
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+KEYS = [key for key, _, _ in field_docs()] + ["trainer.nope", "algo", "x.y.z", ""]
+VALUES = st.one_of(st.integers(-5, 10**6), st.floats(allow_nan=True), st.booleans(),
+                   st.text(max_size=12), st.just("[1, 2]"), st.just("{a: 1}"), st.just("null"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(KEYS), VALUES), max_size=4))
+def test_fuzzed_overrides_give_a_config_or_a_config_error(pairs):
+    """Whatever the overrides, parsing ends in a valid Config or a ConfigError, nothing else."""
+    try:
+        cfg = load_config("tiny", [f"{k}={v}" for k, v in pairs])
+    except ConfigError as exc:
+        assert str(exc)
+    else:
+        assert isinstance(cfg, Config)
