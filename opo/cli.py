@@ -37,7 +37,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from opo.config import Config, DataConfig, _merge
+    from opo.config import Config, DataConfig, apply_overrides
     from opo.data import load_examples
     from opo.evaluate import evaluate
     from opo.models import eos_ids, load_policy
@@ -54,10 +54,7 @@ def cmd_eval(args) -> int:
         data.source = args.data
     if args.task_config:
         data.task_config = json.loads(args.task_config)
-    for text in args.set:
-        from opo.config import _parse_override
-
-        _merge(cfg, _parse_override(text))
+    apply_overrides(cfg, args.set)
     if args.reward:
         cfg.reward.kind = args.reward
     elif args.task and data.source == "reasoning_gym":

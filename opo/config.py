@@ -287,6 +287,11 @@ def load_config(source: str | Path | None = None, overrides: list[str] = ()) -> 
         data = read_yaml(path)
         data.setdefault("preset", path.stem)
         _merge(cfg, data)
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply dotted `key=value` overrides in place, then re-validate."""
     for text in overrides:
         _merge(cfg, _parse_override(text))
     validate(cfg)
@@ -363,5 +368,5 @@ def field_docs(obj: Any = None, prefix: str = "") -> list[tuple[str, str, Any]]:
     return rows
 
 
-__all__ = ["Config", "ConfigError", "load_config", "from_dict", "to_dict", "dump_yaml",
+__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "from_dict", "to_dict", "dump_yaml",
            "field_docs", "list_presets", "validate"]

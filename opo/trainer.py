@@ -24,7 +24,7 @@ import torch
 
 from opo import checkpoint as ckpt
 from opo.advantages import compute_advantages
-from opo.config import Config, dump_yaml, from_dict, read_yaml
+from opo.config import Config, apply_overrides, dump_yaml, from_dict, read_yaml
 from opo.data import PromptSampler, encode_prompts, load_examples
 from opo.evaluate import evaluate
 from opo.loss import policy_loss
@@ -151,7 +151,11 @@ class _StopFlag:
 
 def train(cfg: Config, resume: bool = False, log=print) -> dict:
     """Run (or continue) training; return the summary that is also written to summary.json."""
+    started = time.perf_counter()
     run_dir = Path(cfg.run.dir)
+    if not resume and ckpt.list_checkpoints(run_dir):
+        raise TrainingError(f"{run_dir} already holds checkpoints; continue it with "
+                            f"`opo train --resume {run_dir}` or choose another run.dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
@@ -190,6 +194,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
         (run_dir / "metrics.jsonl").write_text("")
         probe = _make_probe(engine, tokenizer, train_set, cfg, logprobs)
         state.initial_accuracy = held_eval()["accuracy"]
+        state.wall_seconds = time.perf_counter() - started  # set-up and the first evaluation
         log(f"initial held-out accuracy {state.initial_accuracy:.3f} on {len(held_out)} problems")
 
     params = SamplingParams(n=cfg.rollout.samples_per_prompt, temperature=cfg.rollout.temperature,
@@ -207,6 +212,9 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
                                     f"{rollout.policy_version}; the weights are at version {state.policy_version}")
             rewards = scorer.score([prompt_texts[g] for g in rollout.group_ids], rollout.texts,
                                    [examples[g] for g in rollout.group_ids])
+            if rewards.errors and not any(row.get("reward_errors") for row in state.rows):
+                log(f"step {state.step + 1}: {rewards.errors} reward checks failed and scored 0 "
+                    f"({rewards.timeouts} timeouts); first: {rewards.error_messages[0]}")
             r = torch.tensor(rewards.rewards, dtype=torch.float32)
             lengths = torch.tensor(rollout.lengths, dtype=torch.float32)
             groups = torch.tensor(rollout.group_ids)
@@ -278,7 +286,8 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     scorer.close()
     summary = {"initial_accuracy": state.initial_accuracy, "final_accuracy": final_accuracy,
                "steps": state.step, "wall_seconds": state.wall_seconds, "estimator": cfg.algo.estimator,
-               "skipped_steps": state.skipped_steps, "run_dir": str(run_dir)}
+               "skipped_steps": state.skipped_steps,
+               "reward_errors": sum(row["reward_errors"] for row in state.rows), "run_dir": str(run_dir)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log(f"held-out accuracy {summary['initial_accuracy']:.3f} -> {final_accuracy:.3f} "
         f"in {state.step} steps, {state.wall_seconds:.0f}s of training; run folder {run_dir}")
@@ -342,13 +351,7 @@ def _progress(cfg: Config, initial: int):
 
 def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
     """The resolved config of an existing run, with optional overrides (e.g. more steps)."""
-    from opo.config import _merge, _parse_override, validate
-
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         raise ckpt.CheckpointError(f"cannot resume: {path} does not exist")
-    cfg = from_dict(read_yaml(path))
-    for text in overrides:
-        _merge(cfg, _parse_override(text))
-    validate(cfg)
-    return cfg
+    return apply_overrides(from_dict(read_yaml(path)), overrides)

@@ -117,3 +117,11 @@ def test_reward_failures_are_contained_and_counted(micro_model_dir, tmp_path, mo
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == 2
     assert all(r["reward_errors"] == 16 and r["reward_mean"] == 0.0 for r in rows)
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(micro_model_dir, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *micro_overrides(micro_model_dir, run, **{"trainer.steps": 1})]) == 0
+    cfg = load_config("tiny", micro_overrides(micro_model_dir, run))
+    with pytest.raises(TrainingError, match="--resume"):
+        train(cfg, log=lambda *a: None)
