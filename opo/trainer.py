@@ -99,6 +99,7 @@ def policy_update(model, optimizer, packed, advantages, cfg: Config, ref_model=N
         mini = packed.rows(chunk)
         total_tokens = float(mini.response_mask.sum())
         optimizer.zero_grad(set_to_none=True)
+        mini_loss = 0.0
         for s in micro_batches(len(chunk), a.micro_batch_size):
             micro = mini.rows(s)
             logp, entropy = score(model, micro, with_entropy=True, entropy_grad=a.entropy_coef > 0)
@@ -112,17 +113,18 @@ def policy_update(model, optimizer, packed, advantages, cfg: Config, ref_model=N
                 total_seqs=float(len(chunk)), clip_eps=a.clip_eps if old_logp is not None else None,
                 entropy=entropy, entropy_coef=a.entropy_coef, ref_logp=ref, kl_coef=a.kl_coef)
             loss.backward()
-            stats["loss"] += float(loss.detach()) / a.updates_per_batch
+            mini_loss += float(loss.detach())
             stats["clip_frac"] += st["clip_frac"] / a.updates_per_batch
             mask = micro.response_mask
             stats["entropy"] += float((entropy.detach() * mask).sum()) / float(packed.response_mask.sum())
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        if not (math.isfinite(grad_norm) and math.isfinite(stats["loss"])):
+        if not (math.isfinite(grad_norm) and math.isfinite(mini_loss)):
             optimizer.zero_grad(set_to_none=True)  # a NaN/inf step is skipped, never applied
             stats["bad_updates"] += 1
             continue
         optimizer.step()
+        stats["loss"] += mini_loss / a.updates_per_batch
         stats["grad_norm"] += grad_norm / a.updates_per_batch
     optimizer.zero_grad(set_to_none=True)
     return stats
