@@ -1,6 +1,6 @@
 """One typed config for everything.
 
-Every field carries its documentation in ``doc(...)``; ``opo config --help-fields``
+Every field carries its documentation in ``doc(...)``; ``opo config --fields``
 prints them. A config is built from the defaults (the ``tiny`` preset), then a YAML
 file, then dotted ``key=value`` overrides from the command line. Unknown keys and
 values of the wrong type or outside the allowed set are errors that name the key.
