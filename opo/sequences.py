@@ -65,3 +65,17 @@ def score(model, packed: Packed, with_entropy: bool = False, entropy_grad: bool 
             with torch.no_grad():
                 entropy = token_entropy(logits.detach())
     return logp, entropy
+
+
+def micro_batches(n: int, size: int) -> list[slice]:
+    """Slices cutting n rows into chunks of `size` (0 = one chunk)."""
+    size = size or n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def batched_logprobs(model, packed: Packed, micro_batch_size: int = 0) -> torch.Tensor:
+    """log pi(target) [B, W] without gradients, `micro_batch_size` rows at a time (0 = all)."""
+    device = next(model.parameters()).device
+    return torch.cat([score(model, packed.rows(s).to(device))[0]
+                      for s in micro_batches(packed.input_ids.shape[0], micro_batch_size)])

@@ -32,7 +32,7 @@ from opo.metrics import KLProbe, repetition_rate
 from opo.models import eos_ids, load_policy
 from opo.rewards import RewardScorer
 from opo.rollout import SamplingParams, make_engine
-from opo.sequences import pack, score
+from opo.sequences import batched_logprobs, micro_batches, pack, score
 
 TIMING_FIELDS = ("seconds", "wall_seconds")  # the only metrics that differ across a resume
 
@@ -73,11 +73,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def micro_batches(n: int, size: int) -> list[slice]:
-    size = size or n
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 def policy_update(model, optimizer, packed, advantages, cfg: Config, ref_model=None) -> dict:
     """The optimiser step(s) for one rollout batch; returns loss statistics.
 
@@ -90,11 +85,11 @@ def policy_update(model, optimizer, packed, advantages, cfg: Config, ref_model=N
     params = [p for p in model.parameters() if p.requires_grad]
     old_logp = None
     if a.updates_per_batch > 1:
-        with torch.no_grad():
-            old_logp = torch.cat([score(model, packed.rows(s))[0] for s in micro_batches(n, a.micro_batch_size)])
+        old_logp = batched_logprobs(model, packed, a.micro_batch_size)
     order = torch.randperm(n) if a.updates_per_batch > 1 else torch.arange(n)
     stats: dict[str, float] = {"loss": 0.0, "entropy": 0.0, "grad_norm": 0.0, "clip_frac": 0.0,
                                "bad_updates": 0}
+    batch_tokens = float(packed.response_mask.sum())
     for chunk in order.chunk(a.updates_per_batch):
         mini = packed.rows(chunk)
         total_tokens = float(mini.response_mask.sum())
@@ -115,8 +110,7 @@ def policy_update(model, optimizer, packed, advantages, cfg: Config, ref_model=N
             loss.backward()
             mini_loss += float(loss.detach())
             stats["clip_frac"] += st["clip_frac"] / a.updates_per_batch
-            mask = micro.response_mask
-            stats["entropy"] += float((entropy.detach() * mask).sum()) / float(packed.response_mask.sum())
+            stats["entropy"] += float((entropy.detach() * micro.response_mask).sum()) / batch_tokens
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         if not (math.isfinite(grad_norm) and math.isfinite(mini_loss)):
@@ -181,8 +175,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     state = RunState()
-    logprobs = lambda p: torch.cat([score(model, p.rows(s).to(device))[0]  # noqa: E731
-                                    for s in micro_batches(p.input_ids.shape[0], cfg.algo.micro_batch_size)])
+    logprobs = lambda p: batched_logprobs(model, p, cfg.algo.micro_batch_size)  # noqa: E731
     held_eval = lambda: evaluate(engine, tokenizer, held_out, scorer, cfg.prompt,  # noqa: E731
                                  samples=cfg.eval.samples, temperature=cfg.eval.temperature, k=cfg.eval.k,
                                  max_new_tokens=cfg.rollout.max_new_tokens, chunk=cfg.eval.batch_size)
@@ -303,11 +296,8 @@ def _make_probe(engine, tokenizer, train_set, cfg: Config, logprobs) -> KLProbe 
         return None
     _, ids = encode_prompts(tokenizer, [ex["question"] for ex in train_set[:n]], cfg.prompt)
     batch = engine.generate(ids, SamplingParams(n=1, temperature=1.0, max_new_tokens=cfg.rollout.max_new_tokens))
-    device = next(engine.model.parameters()).device
     packed = pack(batch.prompt_ids, batch.response_ids, tokenizer.pad_token_id)
-    with torch.no_grad():
-        logp0 = logprobs(packed.to(device)).cpu()
-    return KLProbe(packed, logp0)
+    return KLProbe(packed, logprobs(packed).cpu())
 
 
 def _save(run_dir, cfg, model, optimizer, scheduler, sampler, state: RunState, probe) -> None:
