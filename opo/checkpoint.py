@@ -2,7 +2,9 @@
 
 A checkpoint is a folder RUN_DIR/checkpoints/step_N/ holding
 
-    model.safetensors      the weights
+    model.safetensors      the weights (the fp32 master weights under mixed precision)
+    config.json, tokenizer files, generation_config.json
+                           so the folder also loads as a model (from_pretrained, opo eval)
     optimizer.pt           optimiser state (tensors and numbers only; loaded weights_only=True)
     tensors.safetensors    torch RNG states and the KL probe
     trainer_state.json     step, policy version, data-sampler position, scheduler state,
@@ -20,6 +22,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,22 @@ FILES = ("model.safetensors", "optimizer.pt", "tensors.safetensors", "trainer_st
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message says which and why."""
+
+
+@dataclass
+class RunState:
+    """Everything besides weights and optimiser that a checkpoint must restore."""
+
+    step: int = 0                 # rollout batches done
+    policy_version: int = 0       # optimiser steps applied to the weights
+    bad_steps_in_row: int = 0
+    skipped_steps: int = 0
+    no_signal_in_row: int = 0     # consecutive steps where every group's rewards were equal
+    initial_accuracy: float = float("nan")
+    sampler: dict = field(default_factory=dict)
+    scheduler: dict = field(default_factory=dict)
+    rows: list = field(default_factory=list)
+    wall_seconds: float = 0.0
 
 
 def _fsync(path: Path) -> None:
@@ -75,7 +94,7 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, state: dict,
-                    tensors: dict[str, torch.Tensor], keep: int) -> Path:
+                    tensors: dict[str, torch.Tensor], keep: int, tokenizer=None) -> Path:
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step}"
     tmp = root / f".step_{step}.tmp{os.getpid()}"
@@ -88,15 +107,11 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, state: 
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                   str(tmp / "tensors.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(state))
+        write_model_files(tmp, model, tokenizer)
         for name in FILES:
             _fsync(tmp / name)
         _fsync(tmp)
-        if final.exists():  # re-saving a step (after a resume): move the old one aside first
-            old = root / f".step_{step}.old{os.getpid()}"
-            final.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
-        tmp.rename(final)
-        _fsync(root)
+        replace_folder(tmp, final)  # re-saving a step after a resume keeps the old one until then
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = [p.name for s, p in list_checkpoints(run_dir) if s != step]
@@ -120,7 +135,7 @@ def load_checkpoint(path: str | Path, *, model, optimizer) -> tuple[dict, dict[s
         missing_keys, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         if unexpected or missing_keys:
             raise CheckpointError(f"checkpoint {path} does not match the model: missing "
-                                  f"{missing_keys[:3]}, unexpected {unexpected[:3]}")
+                                  f"{sorted(missing_keys)[:3]}, unexpected {sorted(unexpected)[:3]}")
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True,
                                              map_location="cpu"))
     except CheckpointError:
@@ -140,3 +155,59 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
         raise CheckpointError(f"cannot resume: {run_dir} has no checkpoints (expected "
                               f"{run_dir}/checkpoints/step_N; set checkpoint.every > 0)")
     return found[-1][1]
+
+
+def write_model_files(folder: Path, model, tokenizer=None) -> None:
+    """config.json, generation_config.json and the tokenizer beside model.safetensors, so that
+    a checkpoint folder loads with `from_pretrained` and `opo eval --model` like `final/`."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.save_pretrained(folder)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Put the complete folder `tmp` at `final`; the old `final` is removed only once the new
+    one is in place, so a crash at any moment leaves one complete folder behind."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    _fsync(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_run(run_dir: str | Path, keep: int, state: RunState, model, tokenizer, optimizer, scheduler,
+             sampler, tensors: dict[str, torch.Tensor]) -> Path:
+    """Checkpoint a whole run at `state.step`: weights, optimiser, scheduler, sampler, every
+    RNG, the metrics so far, and any extra tensors (the KL probe)."""
+    state.sampler = sampler.state_dict()
+    state.scheduler = scheduler.state_dict()
+    rng_plain, rng_tensors = rng_state()
+    payload = {**state.__dict__, "rng": rng_plain}
+    return save_checkpoint(run_dir, state.step, model=model, optimizer=optimizer, state=payload,
+                           tensors={**rng_tensors, **tensors}, keep=keep, tokenizer=tokenizer)
+
+
+def restore_run(run_dir: str | Path, model, optimizer, scheduler, sampler) -> tuple[RunState, dict]:
+    """Load the latest checkpoint into model, optimiser, scheduler, sampler and the RNGs;
+    return the run state and the extra tensors. metrics.jsonl is rewritten to the rows the
+    checkpoint knows: rows logged after it by the interrupted run are replayed."""
+    run_dir = Path(run_dir)
+    path = latest_checkpoint(run_dir)
+    payload, tensors = load_checkpoint(path, model=model, optimizer=optimizer)
+    set_rng_state(payload.pop("rng"), tensors)
+    known = {f for f in RunState.__dataclass_fields__}
+    state = RunState(**{k: v for k, v in payload.items() if k in known})
+    sampler.load_state_dict(state.sampler)
+    scheduler.load_state_dict(state.scheduler)
+    tmp = run_dir / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in state.rows))
+    os.replace(tmp, run_dir / "metrics.jsonl")
+    extra = {k: v for k, v in tensors.items() if not k.startswith("rng.")}
+    return state, extra

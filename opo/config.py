@@ -73,13 +73,20 @@ class PromptConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: Literal["hf"] = doc("Rollout engine. `hf` is transformers' generate (CPU or GPU).", "hf")
+    engine: Literal["fast", "hf"] = doc(
+        "Rollout engine. `fast` is our KV-cached sampler on the transformers model (shared prompt "
+        "prefill, finished rows leave the batch); `hf` is transformers' own generate, the reference. "
+        "Both return per-token sampler log-probs.", "fast")
     prompts_per_step: int = doc("Prompts per rollout batch.", 16)
     samples_per_prompt: int = doc("K, responses sampled per prompt (the group size).", 8)
     temperature: float = doc("Sampling temperature.", 1.0)
-    top_p: float = doc("Nucleus sampling threshold; 1.0 disables it.", 1.0)
+    top_p: float = doc("Nucleus sampling threshold; 1.0 disables it. Training scores tokens under "
+                       "the same truncated, renormalised distribution.", 1.0)
+    top_k: int = doc("Sample among the k most likely tokens only; 0 disables it. Training scores "
+                     "tokens under the same truncated, renormalised distribution.", 0)
     max_new_tokens: int = doc("Response length limit in tokens.", 32)
-    batch_size: int = doc("Sequences generated at once; 0 = the whole rollout batch.", 0)
+    batch_size: int = doc("Sequences generated at once (whole prompt groups); 0 = the whole "
+                          "rollout batch.", 0)
 
 
 @dataclass
@@ -95,8 +102,20 @@ class AlgoConfig:
     kl_coef: float = doc("Coefficient of a KL penalty to the starting model (k3 estimator). 0 "
                          "loads no reference model.", 0.0)
     entropy_coef: float = doc("Coefficient of an entropy bonus; 0 disables it.", 0.0)
-    micro_batch_size: int = doc("Sequences per forward/backward; gradients are accumulated "
-                                "inside the one optimiser step. 0 = whole batch.", 0)
+    micro_batch_size: int = doc("At most this many sequences per forward/backward; gradients are "
+                                "accumulated inside the one optimiser step. 0 = no row limit.", 0)
+    max_tokens_per_micro_batch: int = doc(
+        "At most this many padded tokens (rows x widest row) per forward/backward; rows are "
+        "grouped by length and each micro-batch is trimmed to its own widest row. 0 = no limit.", 0)
+    logprob_chunk_size: int = doc(
+        "Response tokens sent through the output layer at once when computing log-probs; more "
+        "than one chunk means each is recomputed in the backward pass, so the logits in memory "
+        "never exceed [chunk, vocabulary]. 0 = all at once.", 4096)
+    max_logp_mismatch: float = doc(
+        "Exact on-policy check: the run stops when any response token's log-probability under the "
+        "trainer differs from the sampler's by more than this (logged every step as "
+        "logp_mismatch_max). Measured fp32 noise is far below the default; 0 disables the check.",
+        1e-3)
 
 
 @dataclass
@@ -133,7 +152,15 @@ class TrainerConfig:
     max_bad_steps: int = doc("Abort after this many consecutive steps with a NaN/inf loss or "
                              "gradient (each such step is skipped).", 5)
     threads: int = doc("torch CPU threads; 0 leaves torch's default.", 0)
-    progress: bool = doc("Show a live progress bar.", True)
+    progress: bool = doc("Show a live progress bar; when false, print a line every log_every steps.",
+                         True)
+    log_every: int = doc("Steps between progress lines when trainer.progress is false.", 1)
+    warn_no_signal_steps: int = doc(
+        "Warn once when this many steps in a row had no learning signal (every group's rewards "
+        "equal); 0 disables the warning.", 10)
+    profile: bool = doc("Print a table of seconds per phase of a step (generation, reward, "
+                        "forward, backward, optimiser, metrics, KL probe) at the end. The "
+                        "per-step figures are always in metrics.jsonl as time_* fields.", False)
 
 
 @dataclass
@@ -153,7 +180,11 @@ class MetricsConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = doc("Steps between checkpoints; 0 = only the final save.", 0)
+    every: int = doc("Steps between checkpoints; 0 = no step-count schedule (every_minutes and "
+                     "the final save still apply).", 50)
+    every_minutes: float = doc("Also save when this many minutes of wall time passed since the last "
+                               "checkpoint, so a killed run loses at most that much; 0 disables it.",
+                               10.0)
     keep: int = doc("Checkpoints kept; older ones are deleted.", 2)
 
 
@@ -298,6 +329,18 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
+# Lower bounds of every integer size or count in the config (0 means "no limit" or "off").
+COUNT_LIMITS = {
+    "rollout.prompts_per_step": 1, "rollout.samples_per_prompt": 1, "rollout.max_new_tokens": 1,
+    "rollout.batch_size": 0, "algo.updates_per_batch": 1, "algo.micro_batch_size": 0,
+    "algo.max_tokens_per_micro_batch": 0, "algo.logprob_chunk_size": 0, "data.train_size": 0,
+    "data.eval_size": 1, "trainer.steps": 0, "trainer.eval_every": 0, "trainer.max_bad_steps": 1,
+    "trainer.threads": 0, "trainer.log_every": 1, "trainer.warn_no_signal_steps": 0,
+    "eval.samples": 1, "eval.batch_size": 1, "metrics.kl_probe_size": 0,
+    "metrics.repetition_ngram": 1, "checkpoint.every": 0, "checkpoint.keep": 1, "reward.workers": 1,
+}
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     from opo.advantages import ESTIMATORS
@@ -308,36 +351,30 @@ def validate(cfg: Config) -> None:
 
     need(cfg.algo.estimator in ESTIMATORS, "algo.estimator",
          "use one of " + ", ".join(sorted(ESTIMATORS)), cfg.algo.estimator)
-    need(cfg.rollout.samples_per_prompt >= 1, "rollout.samples_per_prompt", "use an integer >= 1",
-         cfg.rollout.samples_per_prompt)
-    need(cfg.rollout.prompts_per_step >= 1, "rollout.prompts_per_step", "use an integer >= 1",
-         cfg.rollout.prompts_per_step)
-    need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "use an integer >= 1",
-         cfg.rollout.max_new_tokens)
+    # Every size and count: a negative one would silently turn a loop into a no-op.
+    for key, low in COUNT_LIMITS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        need(value >= low, key, f"use an integer >= {low}" + (" (0 = no limit / off)" if low == 0 else ""),
+             value)
+    need(cfg.rollout.top_k >= 0, "rollout.top_k", "use an integer >= 0 (0 = off)", cfg.rollout.top_k)
+    need(cfg.algo.max_logp_mismatch >= 0, "algo.max_logp_mismatch", "use a number >= 0 (0 = off)",
+         cfg.algo.max_logp_mismatch)
+    need(cfg.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "use a number >= 0 (0 = off)",
+         cfg.checkpoint.every_minutes)
     need(cfg.rollout.temperature > 0, "rollout.temperature", "use a number > 0",
          cfg.rollout.temperature)
     need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "use a number in (0, 1]", cfg.rollout.top_p)
-    need(cfg.algo.updates_per_batch >= 1, "algo.updates_per_batch", "use an integer >= 1",
-         cfg.algo.updates_per_batch)
     n_seqs = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     need(cfg.algo.updates_per_batch <= n_seqs, "algo.updates_per_batch",
          f"use at most the rollout batch size ({n_seqs})", cfg.algo.updates_per_batch)
     need(cfg.algo.clip_eps > 0, "algo.clip_eps", "use a number > 0", cfg.algo.clip_eps)
     need(cfg.algo.kl_coef >= 0, "algo.kl_coef", "use a number >= 0", cfg.algo.kl_coef)
     need(cfg.optim.lr > 0, "optim.lr", "use a number > 0", cfg.optim.lr)
-    need(cfg.trainer.steps >= 0, "trainer.steps", "use an integer >= 0", cfg.trainer.steps)
-    need(cfg.trainer.eval_every >= 0, "trainer.eval_every", "use an integer >= 0",
-         cfg.trainer.eval_every)
-    need(cfg.checkpoint.every >= 0, "checkpoint.every", "use an integer >= 0 (0 = final only)",
-         cfg.checkpoint.every)
-    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "use an integer >= 1", cfg.checkpoint.keep)
-    need(cfg.data.eval_size >= 1, "data.eval_size", "use an integer >= 1", cfg.data.eval_size)
-    need(cfg.eval.samples >= 1, "eval.samples", "use an integer >= 1", cfg.eval.samples)
     for k in cfg.eval.k:
         need(isinstance(k, int) and 1 <= k <= cfg.eval.samples, "eval.k",
              f"use integers between 1 and eval.samples ({cfg.eval.samples})", cfg.eval.k)
     need(cfg.reward.timeout_s > 0, "reward.timeout_s", "use a number > 0", cfg.reward.timeout_s)
-    need(cfg.reward.workers >= 1, "reward.workers", "use an integer >= 1", cfg.reward.workers)
 
 
 def to_dict(cfg: Config) -> dict:

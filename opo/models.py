@@ -133,23 +133,102 @@ def pick_device(spec: str) -> torch.device:
 
 
 def load_policy(path: str, dtype: str = "float32", device: str = "auto", cache_dir: str = ""):
-    """(model, tokenizer) ready for training; the tokenizer pads on the left for generation."""
+    """(model, tokenizer) ready for training; the tokenizer pads on the left for generation.
+
+    Two things are changed at load so that the policy we score is the policy we sample:
+    dropout is switched off everywhere (see `disable_dropout`), and the model's shipped
+    generation defaults are replaced by a minimal config that only says how to stop
+    (see `minimal_generation_config`).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_model_dir(path, cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    local_only = _is_hub_id(folder) and _hub_unreachable(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], local_files_only=local_only)
+    except OSError as exc:
+        if _is_hub_id(folder):
+            raise ModelError(f"model {folder!r} is not a local folder and could not be fetched from the "
+                             f"Hugging Face hub ({'offline' if local_only else exc}). Download it where "
+                             f"there is network (e.g. `hf download {folder} --local-dir DIR`) and set "
+                             f"model.path=DIR, or use a built-in model: tiny, "
+                             f"{', '.join(BUILTIN)}") from None
+        raise ModelError(f"could not load the model in {folder}: {exc}") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype])
     model.to(pick_device(device))
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    disable_dropout(model)
+    model.generation_config = minimal_generation_config(model, tokenizer)
+    model.eval()
     return model, tokenizer
+
+
+def _is_hub_id(folder: str) -> bool:
+    return not Path(folder).exists() and folder.count("/") == 1
+
+
+def _hub_unreachable(repo_id: str) -> bool:
+    """True when a hub id must be served from the local cache alone: HF_HUB_OFFLINE is set,
+    or the hub's name does not even resolve (no network), which would otherwise cost a
+    long series of retries before transformers gives up."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return True
+    import socket
+
+    try:
+        socket.getaddrinfo("huggingface.co", 443)
+    except OSError:
+        return True
+    return False
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Turn every dropout in `model` off, so that train() and eval() compute the same function.
+
+    RL fine-tuning needs no dropout, and exact on-policy training must not use it: the
+    sampler runs without dropout, so a loss computed with it would differentiate a
+    different (randomly thinned) policy from the one that produced the samples.
+    Attention modules keep their dropout rate as a plain float attribute read at call
+    time, and configs carry it too, so both are zeroed as well as `nn.Dropout` modules.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    for sub in filter(None, [config, getattr(config, "text_config", None)]):
+        for name, value in list(vars(sub).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(sub, name, 0.0)
+
+
+def minimal_generation_config(model, tokenizer):
+    """A generation config that only knows how to stop: eos ids, pad and bos.
+
+    A checkpoint's shipped generation_config.json may carry a repetition penalty, top-k,
+    min_p, stop strings, suppressed tokens or a minimum length; transformers applies
+    those silently, which would change the distribution we sample from. We keep the eos
+    ids (they end a response) and drop everything else.
+    """
+    from transformers import GenerationConfig
+
+    shipped = model.generation_config
+    eos = sorted({i for i in _as_list(shipped.eos_token_id) + [tokenizer.eos_token_id] if i is not None})
+    return GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=shipped.bos_token_id)
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def eos_ids(model, tokenizer) -> list[int]:
     """Every token that ends a response: the tokenizer's eos plus the generation config's."""
-    ids = {tokenizer.eos_token_id}
-    gen = model.generation_config.eos_token_id
-    ids.update(gen if isinstance(gen, (list, tuple)) else [gen])
+    ids = {tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)}
     return sorted(i for i in ids if i is not None)

@@ -1,22 +1,21 @@
 """The training loop. This is the only place that knows the order of the steps:
 
-    prompts -> rollouts -> rewards -> advantages -> one optimiser step -> metrics
-            (-> held-out evaluation, checkpoint)
+    set up -> [ rollout -> rewards -> advantages -> update -> log -> evaluate -> checkpoint ]*
 
 Exact on-policy (algo.updates_per_batch = 1, the OPO setting): every rollout batch
-feeds exactly one optimiser step, so the importance ratio is 1 and nothing is clipped.
+feeds exactly one optimiser step, so the importance ratio is 1 and nothing is clipped;
+every step also checks that the trainer's log-probs of the sampled tokens equal the
+sampler's (`logp_mismatch_*`), so "on-policy" is measured, not assumed.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,17 +23,24 @@ import torch
 
 from opo import checkpoint as ckpt
 from opo.advantages import compute_advantages
+from opo.checkpoint import RunState
 from opo.config import Config, apply_overrides, dump_yaml, from_dict, read_yaml
 from opo.data import PromptSampler, encode_prompts, load_examples
 from opo.evaluate import evaluate
-from opo.loss import policy_loss
 from opo.metrics import KLProbe, repetition_rate
 from opo.models import eos_ids, load_policy
 from opo.rewards import RewardScorer
 from opo.rollout import SamplingParams, make_engine
-from opo.sequences import batched_logprobs, micro_batches, pack, score
+from opo.sequences import batched_logprobs, pack
+from opo.update import OffPolicyError, PhaseTimer, policy_update, sampling_dist
 
-TIMING_FIELDS = ("seconds", "wall_seconds")  # the only metrics that differ across a resume
+# Fields that legitimately differ between a resumed and an uninterrupted run.
+TIMING_PREFIXES = ("seconds", "wall_seconds", "eval_seconds", "time_")
+TIMING_FIELDS = ("seconds", "wall_seconds", "eval_seconds")
+
+
+def is_timing_field(name: str) -> bool:
+    return name.startswith(TIMING_PREFIXES)
 
 
 class TrainingError(RuntimeError):
@@ -42,18 +48,45 @@ class TrainingError(RuntimeError):
 
 
 @dataclass
-class RunState:
-    """Everything besides weights and optimiser that a checkpoint must restore."""
+class Run:
+    """Everything a run holds while it trains; built once by `set_up`."""
 
-    step: int = 0                 # rollout batches done
-    policy_version: int = 0       # optimiser steps applied to the weights
-    bad_steps_in_row: int = 0
-    skipped_steps: int = 0
-    initial_accuracy: float = float("nan")
-    sampler: dict = field(default_factory=dict)
-    scheduler: dict = field(default_factory=dict)
-    rows: list = field(default_factory=list)
-    wall_seconds: float = 0.0
+    cfg: Config
+    dir: Path
+    model: torch.nn.Module
+    tokenizer: object
+    engine: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scorer: RewardScorer
+    train_set: list
+    held_out: list
+    sampler: PromptSampler
+    state: RunState
+    probe: KLProbe | None
+    ref_model: torch.nn.Module | None
+    log: object
+
+    def sampling(self) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p,
+                              top_k=r.top_k, max_new_tokens=r.max_new_tokens)
+
+    def logprobs(self, packed):
+        a = self.cfg.algo
+        return batched_logprobs(self.model, packed, sampling_dist(self.cfg), max_rows=a.micro_batch_size,
+                                max_tokens=a.max_tokens_per_micro_batch, chunk_tokens=a.logprob_chunk_size)
+
+    def evaluate(self) -> dict:
+        e = self.cfg.eval
+        return evaluate(self.engine, self.tokenizer, self.held_out, self.scorer, self.cfg.prompt,
+                        samples=e.samples, temperature=e.temperature, k=e.k,
+                        max_new_tokens=self.cfg.rollout.max_new_tokens, chunk=e.batch_size)
+
+    def save(self) -> None:
+        ckpt.save_run(self.dir, self.cfg.checkpoint.keep, self.state, self.model, self.tokenizer,
+                      self.optimizer, self.scheduler, self.sampler,
+                      self.probe.state_dict() if self.probe else {})
 
 
 def lr_lambda(cfg: Config):
@@ -73,55 +106,254 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def policy_update(model, optimizer, packed, advantages, cfg: Config, ref_model=None) -> dict:
-    """The optimiser step(s) for one rollout batch; returns loss statistics.
+def train(cfg: Config, resume: bool = False, log=print) -> dict:
+    """Run (or continue) training; return the summary that is also written to summary.json."""
+    started = time.perf_counter()
+    run = set_up(cfg, resume, log)
+    state = run.state
+    if state.step > cfg.trainer.steps:
+        raise TrainingError(f"the checkpoint in {run.dir} is at step {state.step}, beyond "
+                            f"trainer.steps={cfg.trainer.steps}; resume with a larger trainer.steps")
+    if not resume:
+        initial = run.evaluate()
+        state.initial_accuracy = initial["accuracy"]
+        state.wall_seconds = time.perf_counter() - started  # set-up and the first evaluation
+        _write_row(run, {"step": 0, "eval_accuracy": state.initial_accuracy,
+                         "eval_seconds": state.wall_seconds})
+        log(f"initial held-out accuracy {state.initial_accuracy:.3f} on {len(run.held_out)} problems")
+    bar = _progress(cfg, state.step)
+    last_save = time.monotonic()
+    with _StopFlag() as stop:
+        while state.step < cfg.trainer.steps and not stop.requested:
+            row = train_step(run)
+            if (cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0) or state.step == cfg.trainer.steps:
+                t0 = time.perf_counter()
+                row["eval_accuracy"] = run.evaluate()["accuracy"]
+                row["eval_seconds"] = time.perf_counter() - t0
+            state.wall_seconds += row["seconds"] + row.get("eval_seconds", 0.0)
+            _write_row(run, row)
+            _report_progress(run, row, bar)
+            if _checkpoint_due(cfg, state.step, last_save):
+                run.save()
+                last_save = time.monotonic()
+        bar.close()
+    if state.step < cfg.trainer.steps:  # stopped by SIGINT/SIGTERM
+        run.save()
+        log(f"stopped after step {state.step}; resume with: opo train --resume {run.dir}")
+        run.scorer.close()
+        return {"stopped_at": state.step}
+    return finish(run)
 
-    updates_per_batch = 1: one step on the whole batch, old_logp = None (ratio == 1).
-    updates_per_batch = U > 1: U mini-batch steps with stored old log-probs and PPO
-    clipping; this is the off-policy comparison the paper makes, not the default.
-    """
-    a = cfg.algo
-    n = packed.input_ids.shape[0]
-    params = [p for p in model.parameters() if p.requires_grad]
-    old_logp = None
-    if a.updates_per_batch > 1:
-        old_logp = batched_logprobs(model, packed, a.micro_batch_size)
-    order = torch.randperm(n) if a.updates_per_batch > 1 else torch.arange(n)
-    stats: dict[str, float] = {"loss": 0.0, "entropy": 0.0, "grad_norm": 0.0, "clip_frac": 0.0,
-                               "bad_updates": 0}
-    batch_tokens = float(packed.response_mask.sum())
-    for chunk in order.chunk(a.updates_per_batch):
-        mini = packed.rows(chunk)
-        total_tokens = float(mini.response_mask.sum())
-        optimizer.zero_grad(set_to_none=True)
-        mini_loss = 0.0
-        for s in micro_batches(len(chunk), a.micro_batch_size):
-            micro = mini.rows(s)
-            logp, entropy = score(model, micro, with_entropy=True, entropy_grad=a.entropy_coef > 0)
-            ref = None
-            if ref_model is not None:
-                with torch.no_grad():
-                    ref = score(ref_model, micro)[0]
-            loss, st = policy_loss(
-                logp, None if old_logp is None else old_logp[chunk][s], advantages[chunk][s],
-                micro.response_mask, agg=a.loss_agg, total_tokens=total_tokens,
-                total_seqs=float(len(chunk)), clip_eps=a.clip_eps if old_logp is not None else None,
-                entropy=entropy, entropy_coef=a.entropy_coef, ref_logp=ref, kl_coef=a.kl_coef)
-            loss.backward()
-            mini_loss += float(loss.detach())
-            stats["clip_frac"] += st["clip_frac"] / a.updates_per_batch
-            stats["entropy"] += float((entropy.detach() * micro.response_mask).sum()) / batch_tokens
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        if not (math.isfinite(grad_norm) and math.isfinite(mini_loss)):
-            optimizer.zero_grad(set_to_none=True)  # a NaN/inf step is skipped, never applied
-            stats["bad_updates"] += 1
-            continue
-        optimizer.step()
-        stats["loss"] += mini_loss / a.updates_per_batch
-        stats["grad_norm"] += grad_norm / a.updates_per_batch
-    optimizer.zero_grad(set_to_none=True)
-    return stats
+
+def set_up(cfg: Config, resume: bool, log) -> Run:
+    """Load model, data, reward, engine and optimiser; restore a checkpoint when resuming."""
+    run_dir = Path(cfg.run.dir)
+    if not resume and ckpt.list_checkpoints(run_dir):
+        raise TrainingError(f"{run_dir} already holds checkpoints; continue it with "
+                            f"`opo train --resume {run_dir}` or choose another run.dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    seed_everything(cfg.trainer.seed)
+    train_set, held_out = load_examples(cfg.data)
+    log(f"data: {len(train_set)} training problems, {len(held_out)} held-out")
+    scorer = RewardScorer(kind=cfg.reward.kind, format_weight=cfg.reward.format_weight,
+                          timeout_s=cfg.reward.timeout_s, workers=cfg.reward.workers,
+                          isolate=cfg.reward.isolate)
+    model, tokenizer = load_policy(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.cache_dir)
+    if cfg.model.gradient_checkpointing:
+        # HF only checkpoints activations in train() mode; dropout is off (see load_policy),
+        # so train() and eval() compute the same function and sampling stays on-policy.
+        model.gradient_checkpointing_enable()
+        model.train()
+    ref_model = None
+    if cfg.algo.kl_coef > 0:  # only then does a second copy of the model live in memory
+        ref_model = load_policy(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.cache_dir)[0]
+        ref_model.requires_grad_(False)
+    _warn_unknown_tokens(tokenizer, train_set, cfg, log)
+    engine = make_engine(cfg.rollout.engine, model, tokenizer, eos_ids(model, tokenizer), cfg.rollout.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    run = Run(cfg, run_dir, model, tokenizer, engine, optimizer, scheduler, scorer, train_set, held_out,
+              PromptSampler(len(train_set), cfg.trainer.seed), RunState(), None, ref_model, log)
+    if resume:
+        run.state, tensors = ckpt.restore_run(run_dir, model, optimizer, scheduler, run.sampler)
+        run.probe = KLProbe.from_state_dict(tensors) if "probe.logp0" in tensors else None
+        engine.sync_weights(model, run.state.policy_version)
+        log(f"resumed {run_dir} at step {run.state.step}")
+    else:
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        (run_dir / "metrics.jsonl").write_text("")
+        run.probe = _make_probe(run)
+    return run
+
+
+def train_step(run: Run) -> dict:
+    """One rollout batch, start to finish; returns its metrics row (without evaluation)."""
+    cfg, state, timer = run.cfg, run.state, PhaseTimer()
+    t0 = time.perf_counter()
+    examples = [run.train_set[i] for i in run.sampler.next_batch(cfg.rollout.prompts_per_step)]
+    prompt_texts, prompt_ids = encode_prompts(run.tokenizer, [ex["question"] for ex in examples], cfg.prompt)
+    with timer("generate"):
+        batch = run.engine.generate(prompt_ids, run.sampling())
+    if cfg.algo.updates_per_batch == 1 and batch.policy_version != state.policy_version:
+        raise TrainingError(f"exact on-policy training refuses responses from policy version "
+                            f"{batch.policy_version}; the weights are at version {state.policy_version}")
+    with timer("reward"):
+        rewards = run.scorer.score([prompt_texts[g] for g in batch.group_ids], batch.texts,
+                                   [examples[g] for g in batch.group_ids])
+    if rewards.errors and not any(row.get("reward_errors") for row in state.rows):
+        run.log(f"step {state.step + 1}: {rewards.errors} reward checks failed and scored 0 "
+                f"({rewards.timeouts} timeouts); first: {rewards.error_messages[0]}")
+    r = torch.tensor(rewards.rewards, dtype=torch.float32)
+    lengths = torch.tensor(batch.lengths, dtype=torch.float32)
+    groups = torch.tensor(batch.group_ids)
+    adv = compute_advantages(cfg.algo.estimator, r, lengths, groups)
+
+    device = next(run.model.parameters()).device
+    packed = pack(batch.prompt_ids, batch.response_ids, run.tokenizer.pad_token_id)
+    if batch.logprobs:
+        packed.values["sampler_logp"] = packed.spread(batch.logprobs)
+    lr = run.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+    try:
+        stats = policy_update(run.model, run.optimizer, packed.to(device), adv.to(device), cfg,
+                              run.ref_model, timer)
+    except OffPolicyError as exc:
+        raise TrainingError(f"step {state.step + 1}: {exc}") from None
+    state.step += 1
+    _account_update(run, stats)
+
+    with timer("metrics"):
+        group_min = torch.full((len(examples),), math.inf).scatter_reduce(0, groups, r, "amin")
+        group_max = torch.full((len(examples),), -math.inf).scatter_reduce(0, groups, r, "amax")
+        no_signal = float((group_min == group_max).float().mean())
+        row = {
+            "step": state.step, "reward_mean": float(r.mean()),
+            "accuracy": sum(rewards.correct) / len(rewards.correct), "entropy": stats["entropy"],
+            "response_length_mean": float(lengths.mean()),
+            "truncated_rate": batch.finish_reasons.count("length") / len(batch),
+            "repetition_rate": repetition_rate(batch.response_ids, cfg.metrics.repetition_ngram),
+            "grad_norm": stats["grad_norm"], "loss": stats["loss"], "clip_frac": stats["clip_frac"],
+            "ratio_max": stats["ratio_max"], "logp_mismatch_max": stats["logp_mismatch_max"],
+            "logp_mismatch_mean": stats["logp_mismatch_mean"], "adv_mean": float(adv.mean()),
+            "adv_std": float(adv.std()) if len(adv) > 1 else 0.0, "zero_variance_groups": no_signal,
+            "reward_errors": rewards.errors, "reward_timeouts": rewards.timeouts,
+            "skipped_steps": state.skipped_steps, "policy_version": state.policy_version,
+            "lr": lr, "tokens": int(lengths.sum()),
+        }
+    with timer("kl_probe"):
+        row["kl_to_init"] = run.probe.estimate(run.logprobs) if run.probe else None
+    _watch_signal(run, no_signal)
+    row.update(timer.row())
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def _account_update(run: Run, stats: dict) -> None:
+    """Skipped (NaN/inf) updates, the scheduler and the policy version after one update."""
+    state, cfg = run.state, run.cfg
+    if stats["bad_updates"] == cfg.algo.updates_per_batch:
+        state.bad_steps_in_row += 1
+        state.skipped_steps += 1
+        run.log(f"step {state.step}: loss or gradient is NaN/inf; step skipped "
+                f"({state.bad_steps_in_row} in a row)")
+        if state.bad_steps_in_row >= cfg.trainer.max_bad_steps:
+            raise TrainingError(f"{state.bad_steps_in_row} consecutive steps had a NaN/inf loss or "
+                                f"gradient; stopping. Lower optim.lr or check the rewards.")
+        return
+    state.bad_steps_in_row = 0
+    run.scheduler.step()
+    state.policy_version += cfg.algo.updates_per_batch - stats["bad_updates"]
+    run.engine.sync_weights(run.model, state.policy_version)
+
+
+def _watch_signal(run: Run, no_signal_share: float) -> None:
+    """Warn once when the run has had no learning signal for a while."""
+    state, limit = run.state, run.cfg.trainer.warn_no_signal_steps
+    state.no_signal_in_row = state.no_signal_in_row + 1 if no_signal_share == 1.0 else 0
+    if limit and state.no_signal_in_row == limit:
+        run.log(f"warning: for {limit} steps in a row every group's rewards were all equal, so every "
+                f"advantage was 0 and nothing was learned. Likely causes: the task is too hard (all "
+                f"wrong) or too easy (all right) for this model, the reward never fires (check "
+                f"reward.kind and the answer format with `opo eval --show 5`), or the tokenizer cannot "
+                f"read the prompts (model.path=tiny only knows digits and + = , >).")
+
+
+def _warn_unknown_tokens(tokenizer, train_set, cfg: Config, log) -> None:
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    _, ids = encode_prompts(tokenizer, [ex["question"] for ex in train_set[:64]], cfg.prompt)
+    total = sum(map(len, ids))
+    unknown = sum(row.count(unk) for row in ids)
+    if unknown:
+        log(f"warning: {unknown} of {total} prompt tokens in the first {len(ids)} training prompts map "
+            f"to the tokenizer's unknown token: the model cannot read these prompts "
+            f"(model.path={cfg.model.path}).")
+
+
+def _checkpoint_due(cfg: Config, step: int, last_save: float) -> bool:
+    if step >= cfg.trainer.steps:
+        return False  # the final save follows
+    by_step = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
+    by_time = cfg.checkpoint.every_minutes and time.monotonic() - last_save >= 60 * cfg.checkpoint.every_minutes
+    return bool(by_step or by_time)
+
+
+def finish(run: Run) -> dict:
+    state = run.state
+    run.save()
+    last = state.rows[-1] if state.rows else {}
+    final_accuracy = last["eval_accuracy"] if "eval_accuracy" in last else run.evaluate()["accuracy"]
+    _save_final(run)
+    run.scorer.close()
+    summary = {"initial_accuracy": state.initial_accuracy, "final_accuracy": final_accuracy,
+               "steps": state.step, "wall_seconds": state.wall_seconds, "estimator": run.cfg.algo.estimator,
+               "skipped_steps": state.skipped_steps,
+               "reward_errors": sum(row.get("reward_errors", 0) for row in state.rows), "run_dir": str(run.dir)}
+    (run.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if run.cfg.trainer.profile:
+        _print_profile(run)
+    run.log(f"held-out accuracy {summary['initial_accuracy']:.3f} -> {final_accuracy:.3f} "
+            f"in {state.step} steps, {state.wall_seconds:.0f}s of training; run folder {run.dir}")
+    return summary
+
+
+def _make_probe(run: Run) -> KLProbe | None:
+    """Sample the fixed KL probe from the starting policy, with the rollout's sampling settings."""
+    n = run.cfg.metrics.kl_probe_size
+    if n == 0:
+        return None
+    _, ids = encode_prompts(run.tokenizer, [ex["question"] for ex in run.train_set[:n]], run.cfg.prompt)
+    params = SamplingParams(**{**run.sampling().__dict__, "n": 1})
+    batch = run.engine.generate(ids, params)
+    packed = pack(batch.prompt_ids, batch.response_ids, run.tokenizer.pad_token_id)
+    return KLProbe(packed, run.logprobs(packed).cpu())
+
+
+def _write_row(run: Run, row: dict) -> None:
+    run.state.rows.append(row)
+    with open(run.dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _save_final(run: Run) -> None:
+    tmp = run.dir / "final.tmp"
+    ckpt.shutil.rmtree(tmp, ignore_errors=True)
+    run.model.save_pretrained(tmp, safe_serialization=True)
+    run.tokenizer.save_pretrained(tmp)
+    ckpt.replace_folder(tmp, run.dir / "final")
+
+
+def _print_profile(run: Run) -> None:
+    rows = [r for r in run.state.rows if r.get("step", 0) > 0]
+    names = sorted({k for r in rows for k in r if k.startswith("time_")})
+    run.log("seconds per step by phase (median over steps):")
+    for name in names + ["seconds"]:
+        values = sorted(r[name] for r in rows if name in r)
+        if values:
+            run.log(f"  {name.removeprefix('time_'):<14}{values[len(values) // 2]:8.3f}")
 
 
 class _StopFlag:
@@ -145,200 +377,24 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def train(cfg: Config, resume: bool = False, log=print) -> dict:
-    """Run (or continue) training; return the summary that is also written to summary.json."""
-    started = time.perf_counter()
-    run_dir = Path(cfg.run.dir)
-    if not resume and ckpt.list_checkpoints(run_dir):
-        raise TrainingError(f"{run_dir} already holds checkpoints; continue it with "
-                            f"`opo train --resume {run_dir}` or choose another run.dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
-    seed_everything(cfg.trainer.seed)
-    model, tokenizer = load_policy(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.cache_dir)
-    device = next(model.parameters()).device
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
-    ref_model = None
-    if cfg.algo.kl_coef > 0:  # only then does a second copy of the model live in memory
-        ref_model = load_policy(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.cache_dir)[0]
-        ref_model.eval().requires_grad_(False)
-    train_set, held_out = load_examples(cfg.data)
-    sampler = PromptSampler(len(train_set), cfg.trainer.seed)
-    scorer = RewardScorer(kind=cfg.reward.kind, format_weight=cfg.reward.format_weight,
-                          timeout_s=cfg.reward.timeout_s, workers=cfg.reward.workers,
-                          isolate=cfg.reward.isolate)
-    engine = make_engine(cfg.rollout.engine, model, tokenizer, eos_ids(model, tokenizer), cfg.rollout.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                  weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    state = RunState()
-    logprobs = lambda p: batched_logprobs(model, p, cfg.algo.micro_batch_size)  # noqa: E731
-    held_eval = lambda: evaluate(engine, tokenizer, held_out, scorer, cfg.prompt,  # noqa: E731
-                                 samples=cfg.eval.samples, temperature=cfg.eval.temperature, k=cfg.eval.k,
-                                 max_new_tokens=cfg.rollout.max_new_tokens, chunk=cfg.eval.batch_size)
-
-    if resume:
-        state, probe = _restore(run_dir, model, optimizer, scheduler, sampler)
-        engine.sync_weights(model, state.policy_version)
-        log(f"resumed {run_dir} at step {state.step}")
-    else:
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        (run_dir / "metrics.jsonl").write_text("")
-        probe = _make_probe(engine, tokenizer, train_set, cfg, logprobs)
-        state.initial_accuracy = held_eval()["accuracy"]
-        state.wall_seconds = time.perf_counter() - started  # set-up and the first evaluation
-        log(f"initial held-out accuracy {state.initial_accuracy:.3f} on {len(held_out)} problems")
-
-    params = SamplingParams(n=cfg.rollout.samples_per_prompt, temperature=cfg.rollout.temperature,
-                            top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens)
-    bar = _progress(cfg, state.step)
-    accuracy = state.rows[-1].get("eval_accuracy", state.initial_accuracy) if state.rows else state.initial_accuracy
-    with _StopFlag() as stop, open(run_dir / "metrics.jsonl", "a") as metrics_file:
-        while state.step < cfg.trainer.steps and not stop.requested:
-            t0 = time.perf_counter()
-            examples = [train_set[i] for i in sampler.next_batch(cfg.rollout.prompts_per_step)]
-            prompt_texts, prompt_ids = encode_prompts(tokenizer, [ex["question"] for ex in examples], cfg.prompt)
-            rollout = engine.generate(prompt_ids, params)
-            if cfg.algo.updates_per_batch == 1 and rollout.policy_version != state.policy_version:
-                raise TrainingError(f"exact on-policy training refuses responses from policy version "
-                                    f"{rollout.policy_version}; the weights are at version {state.policy_version}")
-            rewards = scorer.score([prompt_texts[g] for g in rollout.group_ids], rollout.texts,
-                                   [examples[g] for g in rollout.group_ids])
-            if rewards.errors and not any(row.get("reward_errors") for row in state.rows):
-                log(f"step {state.step + 1}: {rewards.errors} reward checks failed and scored 0 "
-                    f"({rewards.timeouts} timeouts); first: {rewards.error_messages[0]}")
-            r = torch.tensor(rewards.rewards, dtype=torch.float32)
-            lengths = torch.tensor(rollout.lengths, dtype=torch.float32)
-            groups = torch.tensor(rollout.group_ids)
-            adv = compute_advantages(cfg.algo.estimator, r, lengths, groups)
-            packed = pack(rollout.prompt_ids, rollout.response_ids, tokenizer.pad_token_id).to(device)
-            stats = policy_update(model, optimizer, packed, adv.to(device), cfg, ref_model)
-
-            state.step += 1
-            if stats["bad_updates"] == cfg.algo.updates_per_batch:
-                state.bad_steps_in_row += 1
-                state.skipped_steps += 1
-                log(f"step {state.step}: loss or gradient is NaN/inf; step skipped "
-                    f"({state.bad_steps_in_row} in a row)")
-                if state.bad_steps_in_row >= cfg.trainer.max_bad_steps:
-                    raise TrainingError(f"{state.bad_steps_in_row} consecutive steps had a NaN/inf loss or "
-                                        f"gradient; stopping. Lower optim.lr or check the rewards.")
-            else:
-                state.bad_steps_in_row = 0
-                scheduler.step()
-                state.policy_version += cfg.algo.updates_per_batch - stats["bad_updates"]
-                engine.sync_weights(model, state.policy_version)
-
-            group_min = torch.full((len(examples),), math.inf).scatter_reduce(0, groups, r, "amin")
-            group_max = torch.full((len(examples),), -math.inf).scatter_reduce(0, groups, r, "amax")
-            row = {
-                "step": state.step,
-                "reward_mean": float(r.mean()),
-                "accuracy": sum(rewards.correct) / len(rewards.correct),
-                "entropy": stats["entropy"],
-                "kl_to_init": probe.estimate(logprobs) if probe else None,
-                "response_length_mean": float(lengths.mean()),
-                "truncated_rate": rollout.finish_reasons.count("length") / len(rollout),
-                "repetition_rate": repetition_rate(rollout.response_ids, cfg.metrics.repetition_ngram),
-                "grad_norm": stats["grad_norm"],
-                "loss": stats["loss"],
-                "clip_frac": stats["clip_frac"],
-                "adv_mean": float(adv.mean()),
-                "adv_std": float(adv.std()) if len(adv) > 1 else 0.0,
-                "zero_variance_groups": float((group_min == group_max).float().mean()),
-                "reward_errors": rewards.errors,
-                "reward_timeouts": rewards.timeouts,
-                "skipped_steps": state.skipped_steps,
-                "policy_version": state.policy_version,
-                "lr": scheduler.get_last_lr()[0],
-                "tokens": int(lengths.sum()),
-            }
-            if (cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0) or state.step == cfg.trainer.steps:
-                accuracy = held_eval()["accuracy"]
-                row["eval_accuracy"] = accuracy
-            row["seconds"] = time.perf_counter() - t0
-            state.wall_seconds += row["seconds"]
-            state.rows.append(row)
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-            bar.update(1)
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{accuracy:.3f}")
-            if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and state.step < cfg.trainer.steps:
-                _save(run_dir, cfg, model, optimizer, scheduler, sampler, state, probe)
-        bar.close()
-        if stop.requested and state.step < cfg.trainer.steps:
-            _save(run_dir, cfg, model, optimizer, scheduler, sampler, state, probe)
-            log(f"stopped after step {state.step}; resume with: opo train --resume {run_dir}")
-            scorer.close()
-            return {"stopped_at": state.step}
-
-    _save(run_dir, cfg, model, optimizer, scheduler, sampler, state, probe)
-    final_accuracy = state.rows[-1]["eval_accuracy"] if state.rows else held_eval()["accuracy"]
-    _save_final(run_dir, model, tokenizer)
-    scorer.close()
-    summary = {"initial_accuracy": state.initial_accuracy, "final_accuracy": final_accuracy,
-               "steps": state.step, "wall_seconds": state.wall_seconds, "estimator": cfg.algo.estimator,
-               "skipped_steps": state.skipped_steps,
-               "reward_errors": sum(row["reward_errors"] for row in state.rows), "run_dir": str(run_dir)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log(f"held-out accuracy {summary['initial_accuracy']:.3f} -> {final_accuracy:.3f} "
-        f"in {state.step} steps, {state.wall_seconds:.0f}s of training; run folder {run_dir}")
-    return summary
-
-
-def _make_probe(engine, tokenizer, train_set, cfg: Config, logprobs) -> KLProbe | None:
-    """Sample the fixed KL probe from the starting policy (temperature 1)."""
-    n = cfg.metrics.kl_probe_size
-    if n == 0:
-        return None
-    _, ids = encode_prompts(tokenizer, [ex["question"] for ex in train_set[:n]], cfg.prompt)
-    batch = engine.generate(ids, SamplingParams(n=1, temperature=1.0, max_new_tokens=cfg.rollout.max_new_tokens))
-    packed = pack(batch.prompt_ids, batch.response_ids, tokenizer.pad_token_id)
-    return KLProbe(packed, logprobs(packed).cpu())
-
-
-def _save(run_dir, cfg, model, optimizer, scheduler, sampler, state: RunState, probe) -> None:
-    state.sampler = sampler.state_dict()
-    state.scheduler = scheduler.state_dict()
-    rng_plain, rng_tensors = ckpt.rng_state()
-    payload = {**state.__dict__, "rng": rng_plain}
-    tensors = {**rng_tensors, **(probe.state_dict() if probe else {})}
-    ckpt.save_checkpoint(run_dir, state.step, model=model, optimizer=optimizer, state=payload,
-                         tensors=tensors, keep=cfg.checkpoint.keep)
-
-
-def _restore(run_dir: Path, model, optimizer, scheduler, sampler):
-    path = ckpt.latest_checkpoint(run_dir)
-    payload, tensors = ckpt.load_checkpoint(path, model=model, optimizer=optimizer)
-    ckpt.set_rng_state(payload.pop("rng"), tensors)
-    state = RunState(**payload)
-    sampler.load_state_dict(state.sampler)
-    scheduler.load_state_dict(state.scheduler)
-    # Rows logged after this checkpoint by the interrupted run are replayed, so drop them.
-    tmp = run_dir / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in state.rows))
-    os.replace(tmp, run_dir / "metrics.jsonl")
-    probe = KLProbe.from_state_dict(tensors) if "probe.logp0" in tensors else None
-    return state, probe
-
-
-def _save_final(run_dir: Path, model, tokenizer) -> None:
-    tmp, final = run_dir / "final.tmp", run_dir / "final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-
-
 def _progress(cfg: Config, initial: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=cfg.trainer.steps, initial=initial, disable=not cfg.trainer.progress,
                 desc="opo train", unit="step", dynamic_ncols=True)
+
+
+def _report_progress(run: Run, row: dict, bar) -> None:
+    held = next((r["eval_accuracy"] for r in reversed(run.state.rows) if "eval_accuracy" in r), None)
+    parts = {"reward": f"{row['reward_mean']:.3f}", "train_acc": f"{row['accuracy']:.3f}"}
+    if held is not None:
+        parts["heldout_acc"] = f"{held:.3f}"
+    bar.update(1)
+    bar.set_postfix(parts)
+    cfg = run.cfg.trainer
+    if not cfg.progress and (row["step"] % cfg.log_every == 0 or row["step"] == cfg.steps):
+        text = " ".join(f"{k} {v}" for k, v in parts.items())
+        run.log(f"step {row['step']}/{cfg.steps} {text} {row['seconds']:.2f}s")
 
 
 def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:

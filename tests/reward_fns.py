@@ -35,3 +35,8 @@ not_callable = 42
 
 def always_raises(prompt, response, example):
     raise RuntimeError("this reward function is broken")
+
+
+def even_length(prompt, response, example):
+    """A reward with variance for a random model: 1.0 for responses of even length."""
+    return float(len(response) % 2 == 0)

@@ -16,14 +16,14 @@ from safetensors.torch import load_file
 from opo import checkpoint as ckpt
 from opo.cli import main
 from opo.config import load_config
-from opo.trainer import TIMING_FIELDS, train
+from opo.trainer import is_timing_field, train
 
 from conftest import micro_overrides
 
 
 def _rows(run: Path) -> list[dict]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+    return [{k: v for k, v in r.items() if not is_timing_field(k)} for r in rows]
 
 
 def _run_cli(args: list[str]) -> subprocess.Popen:
@@ -61,7 +61,7 @@ def test_sigterm_saves_and_exits_cleanly(micro_model_dir, tmp_path):
     run = tmp_path / "run"
     proc = _run_cli(micro_overrides(micro_model_dir, run, **{"trainer.steps": 400}))
     deadline = time.time() + 120
-    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
+    while not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < 2:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
@@ -69,7 +69,7 @@ def test_sigterm_saves_and_exits_cleanly(micro_model_dir, tmp_path):
     assert proc.returncode == 0, out
     assert f"opo train --resume {run}" in out
     step = ckpt.list_checkpoints(run)[-1][0]
-    assert 1 <= step < 400 and len(_rows(run)) == step
+    assert 1 <= step < 400 and len(_rows(run)) == step + 1  # plus the step-0 evaluation row
 
 
 def test_disk_full_keeps_the_previous_checkpoint(micro_model_dir, tmp_path, monkeypatch):
@@ -121,3 +121,74 @@ def test_resume_errors_are_clear(micro_model_dir, tmp_path, capsys):
     (empty / "config.yaml").write_text((run / "config.yaml").read_text())
     assert main(["train", "--resume", str(empty)]) == 2
     assert "no checkpoints" in capsys.readouterr().err
+
+
+def test_every_checkpoint_loads_as_a_model(micro_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = tmp_path / "run"
+    assert main(["train", *micro_overrides(micro_model_dir, run, **{"trainer.steps": 3,
+                                                                    "checkpoint.every": 1})]) == 0
+    step = run / "checkpoints" / "step_2"
+    loaded = AutoModelForCausalLM.from_pretrained(step)
+    weights = load_file(str(step / "model.safetensors"))
+    for name, tensor in loaded.state_dict().items():
+        if name in weights:
+            assert torch.equal(tensor, weights[name]), name
+    assert AutoTokenizer.from_pretrained(step)("12+3=")["input_ids"]
+
+
+def test_time_based_checkpoints(micro_model_dir, tmp_path):
+    """checkpoint.every=0 with a (tiny) every_minutes saves after every step."""
+    run = tmp_path / "run"
+    assert main(["train", *micro_overrides(micro_model_dir, run, **{
+        "trainer.steps": 3, "checkpoint.every": 0, "checkpoint.every_minutes": 1e-9,
+        "checkpoint.keep": 5})]) == 0
+    assert [p.name for _, p in ckpt.list_checkpoints(run)] == ["step_1", "step_2", "step_3"]
+
+
+def test_tiny_preset_checkpoints_by_default():
+    cfg = load_config("tiny")
+    assert cfg.checkpoint.every > 0 and cfg.checkpoint.every_minutes > 0
+
+
+def test_resume_with_fewer_steps_is_a_clear_error(micro_model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *micro_overrides(micro_model_dir, run, **{"trainer.steps": 3})]) == 0
+    assert main(["train", "--resume", str(run), "trainer.steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert "step 3" in err and "trainer.steps=2" in err and "Traceback" not in err
+    assert main(["train", "--resume", str(run), "trainer.steps=3"]) == 0  # nothing left: finishes
+
+
+def test_a_checkpoint_of_another_model_is_reported_as_a_mismatch(micro_model_dir, tmp_path):
+    from opo import toy
+
+    run = tmp_path / "run"
+    assert main(["train", *micro_overrides(micro_model_dir, run, **{"trainer.steps": 1})]) == 0
+    other = toy.build_model(toy.build_tokenizer(), hidden=32, layers=2)
+    with pytest.raises(ckpt.CheckpointError, match="does not match the model"):
+        ckpt.load_checkpoint(run / "checkpoints" / "step_1", model=other,
+                             optimizer=torch.optim.AdamW(other.parameters()))
+
+
+def test_replace_folder_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    final, new = tmp_path / "final", tmp_path / "final.tmp"
+    final.mkdir()
+    (final / "w").write_text("old")
+    new.mkdir()
+    (new / "w").write_text("new")
+    real_rename = Path.rename
+
+    def crash_on_second_rename(self, target):
+        if self == new:
+            raise OSError("crash between the two renames")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", crash_on_second_rename)
+    with pytest.raises(OSError):
+        ckpt.replace_folder(new, final)
+    assert (tmp_path / "final.old" / "w").read_text() == "old"  # never deleted
+    monkeypatch.setattr(Path, "rename", real_rename)
+    ckpt.replace_folder(new, final)
+    assert (final / "w").read_text() == "new" and not (tmp_path / "final.old").exists()

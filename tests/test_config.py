@@ -94,3 +94,11 @@ def test_fuzzed_overrides_give_a_config_or_a_config_error(pairs):
         assert str(exc)
     else:
         assert isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize("key", ["algo.micro_batch_size", "rollout.batch_size", "eval.batch_size",
+                                 "algo.max_tokens_per_micro_batch", "metrics.kl_probe_size",
+                                 "rollout.top_k", "checkpoint.every"])
+def test_negative_sizes_and_counts_are_config_errors(key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("tiny", [f"{key}=-1"])

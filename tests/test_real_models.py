@@ -22,7 +22,7 @@ def test_smollm2_preset_loads_and_takes_one_step(tmp_path):
                  "eval.temperature=0", "metrics.kl_probe_size=2", "data.train_size=50"])
     assert code == 0
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["policy_version"] == 1 and rows[0]["tokens"] > 0
+    assert rows[1]["policy_version"] == 1 and rows[1]["tokens"] > 0
     assert (run / "final" / "model.safetensors").exists()
 
 

@@ -6,16 +6,23 @@ import pytest
 import torch
 
 from opo import trainer as trainer_mod
+from opo import update as update_mod
 from opo.cli import main
 from opo.config import load_config
 from opo.sequences import pack, score
-from opo.trainer import TrainingError, policy_update, train
+from opo.trainer import TrainingError, train
+from opo.update import policy_update
 
 from conftest import micro_overrides
 
 REQUIRED = {"step", "reward_mean", "accuracy", "entropy", "kl_to_init", "response_length_mean",
             "repetition_rate", "grad_norm", "adv_mean", "adv_std", "zero_variance_groups",
-            "tokens", "seconds"}
+            "tokens", "seconds", "logp_mismatch_max", "logp_mismatch_mean", "ratio_max", "clip_frac",
+            "time_generate", "time_forward", "time_backward", "time_optimizer"}
+
+
+def _rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_cli_train_writes_the_run_folder(micro_model_dir, tmp_path):
@@ -23,8 +30,10 @@ def test_cli_train_writes_the_run_folder(micro_model_dir, tmp_path):
 
     run = tmp_path / "run"
     assert main(["train", *micro_overrides(micro_model_dir, run)]) == 0
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[0]["eval_accuracy"] == json.loads((run / "summary.json").read_text())["initial_accuracy"]
+    rows = rows[1:]
     for row in rows:
         assert REQUIRED <= row.keys()
         assert row["kl_to_init"] >= 0 and 0 <= row["zero_variance_groups"] <= 1
@@ -46,7 +55,7 @@ def test_other_estimators_and_off_policy_run(micro_model_dir, tmp_path, estimato
         "algo.estimator": estimator, "trainer.steps": 2, "algo.updates_per_batch": 2,
         "algo.micro_batch_size": 3}))
     summary = train(cfg, log=lambda *a: None)
-    rows = [json.loads(x) for x in (tmp_path / estimator / "metrics.jsonl").read_text().splitlines()]
+    rows = _rows(tmp_path / estimator)[1:]
     assert summary["steps"] == 2 and rows[-1]["policy_version"] == 4  # 2 updates per batch
 
 
@@ -80,7 +89,7 @@ def test_on_policy_refuses_stale_responses(micro_model_dir, tmp_path, monkeypatc
 
 
 def _nan_loss_on(steps_to_poison):
-    real = trainer_mod.policy_loss
+    real = update_mod.policy_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -91,17 +100,17 @@ def _nan_loss_on(steps_to_poison):
 
 
 def test_nan_step_is_skipped_and_counted(micro_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_mod, "policy_loss", _nan_loss_on({2}))
+    monkeypatch.setattr(update_mod, "policy_loss", _nan_loss_on({2}))
     cfg = load_config("tiny", micro_overrides(micro_model_dir, tmp_path / "run"))
     summary = train(cfg, log=lambda *a: None)
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = _rows(tmp_path / "run")[1:]
     assert summary["skipped_steps"] == 1
     assert [r["policy_version"] for r in rows] == [1, 1, 2, 3]  # step 2 changed nothing
     assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1]
 
 
 def test_repeated_nan_steps_abort_with_a_clear_message(micro_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_mod, "policy_loss", _nan_loss_on(set(range(1, 100))))
+    monkeypatch.setattr(update_mod, "policy_loss", _nan_loss_on(set(range(1, 100))))
     cfg = load_config("tiny", micro_overrides(micro_model_dir, tmp_path / "run", **{"trainer.max_bad_steps": 3}))
     with pytest.raises(TrainingError, match="3 consecutive steps had a NaN/inf loss"):
         train(cfg, log=lambda *a: None)
@@ -114,7 +123,7 @@ def test_reward_failures_are_contained_and_counted(micro_model_dir, tmp_path, mo
     cfg = load_config("tiny", micro_overrides(micro_model_dir, tmp_path / "run", **{
         "reward.kind": "reward_fns:always_raises", "trainer.steps": 2}))
     summary = train(cfg, log=lambda *a: None)
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = _rows(tmp_path / "run")[1:]
     assert summary["steps"] == 2
     assert all(r["reward_errors"] == 16 and r["reward_mean"] == 0.0 for r in rows)
 
@@ -125,3 +134,99 @@ def test_a_fresh_run_refuses_a_folder_with_checkpoints(micro_model_dir, tmp_path
     cfg = load_config("tiny", micro_overrides(micro_model_dir, run))
     with pytest.raises(TrainingError, match="--resume"):
         train(cfg, log=lambda *a: None)
+
+
+# ---------------------------------------------------------------- on-policy integrity
+
+def _train_rows(micro_model_dir, run, **extra):
+    cfg = load_config("tiny", micro_overrides(micro_model_dir, run, **extra))
+    train(cfg, log=lambda *a: None)
+    return _rows(run)[1:]
+
+
+@pytest.mark.parametrize("engine", ["fast", "hf"])
+@pytest.mark.parametrize("sampling", [{"rollout.temperature": 0.7},
+                                      {"rollout.temperature": 1.1, "rollout.top_p": 0.9},
+                                      {"rollout.top_k": 5, "rollout.temperature": 0.8}])
+def test_trainer_scores_under_the_sampling_distribution(micro_model_dir, tmp_path, engine, sampling):
+    rows = _train_rows(micro_model_dir, tmp_path / "run", **{"trainer.steps": 3, "rollout.engine": engine,
+                                                             "algo.micro_batch_size": 5, **sampling})
+    limit = load_config("tiny").algo.max_logp_mismatch
+    assert all(0 <= r["logp_mismatch_max"] < limit for r in rows)
+    assert all(r["logp_mismatch_mean"] <= r["logp_mismatch_max"] for r in rows)
+    assert all(r["ratio_max"] == 1.0 for r in rows)  # exact on-policy: the ratio is exactly 1
+
+
+def test_a_lying_sampler_stops_the_run_before_any_update(micro_model_dir, tmp_path, monkeypatch):
+    """If the sampled distribution is not the one scored, the run refuses to train on it."""
+    real = trainer_mod.make_engine
+
+    def skewed_engine(*args, **kwargs):
+        engine = real(*args, **kwargs)
+        generate = engine.generate
+
+        def skewed(prompt_ids, params):  # e.g. a sampler that silently used another temperature
+            batch = generate(prompt_ids, params)
+            batch.logprobs = [[x * 1.05 for x in row] for row in batch.logprobs]
+            return batch
+        engine.generate = skewed
+        return engine
+
+    monkeypatch.setattr(trainer_mod, "make_engine", skewed_engine)
+    cfg = load_config("tiny", micro_overrides(micro_model_dir, tmp_path / "run"))
+    with pytest.raises(TrainingError, match="max_logp_mismatch"):
+        train(cfg, log=lambda *a: None)
+    assert _rows(tmp_path / "run")[1:] == []  # no step was logged, no weights changed
+
+
+def test_a_checkpoint_with_shipped_sampling_defaults_trains_on_policy(micro_model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "shipped"
+    shutil.copytree(micro_model_dir, folder)
+    gen = json.loads((folder / "generation_config.json").read_text())
+    gen.update(repetition_penalty=5.0, top_k=3, min_new_tokens=4, do_sample=True)
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    for engine in ("fast", "hf"):
+        rows = _train_rows(folder, tmp_path / engine, **{"trainer.steps": 2, "rollout.engine": engine})
+        assert all(r["logp_mismatch_max"] < 1e-3 for r in rows), engine
+
+
+def test_clip_frac_is_a_fraction_and_lr_is_this_steps_rate(micro_model_dir, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    rows = _train_rows(micro_model_dir, tmp_path / "run", **{
+        "reward.kind": "reward_fns:even_length", "reward.isolate": "never",
+        "algo.updates_per_batch": 4, "algo.micro_batch_size": 2, "algo.clip_eps": 0.01,
+        "optim.lr": 0.05, "optim.warmup_steps": 3, "trainer.steps": 4})
+    assert all(0 <= r["clip_frac"] <= 1 for r in rows)
+    assert any(r["clip_frac"] > 0 for r in rows)  # a tiny clip range at a large lr does clip
+    assert [r["lr"] for r in rows] == pytest.approx([0.05 / 3, 0.05 * 2 / 3, 0.05, 0.05])
+
+
+def test_token_budget_micro_batches_give_the_same_update(micro_model_dir, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    reward = {"reward.kind": "reward_fns:even_length", "reward.isolate": "never", "trainer.steps": 2}
+    whole = _train_rows(micro_model_dir, tmp_path / "whole", **reward)
+    split = _train_rows(micro_model_dir, tmp_path / "split", **{
+        **reward, "algo.max_tokens_per_micro_batch": 40, "algo.logprob_chunk_size": 7})
+    assert any(r["grad_norm"] > 0 for r in whole)
+    for a, b in zip(whole, split):
+        assert a["reward_mean"] == b["reward_mean"] and a["tokens"] == b["tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_no_signal_warning_fires_once(micro_model_dir, tmp_path):
+    """The random micro model never answers right: every group's rewards are all 0."""
+    messages = []
+    cfg = load_config("tiny", micro_overrides(micro_model_dir, tmp_path / "run", **{
+        "trainer.steps": 5, "trainer.warn_no_signal_steps": 3}))
+    train(cfg, log=messages.append)
+    rows = _rows(tmp_path / "run")[1:]
+    assert all(r["zero_variance_groups"] == 1.0 for r in rows)
+    warnings = [m for m in messages if "nothing was learned" in m]
+    assert len(warnings) == 1 and "3 steps in a row" in warnings[0]

@@ -1,0 +1,116 @@
+"""A KV-cached sampler on the transformers model: the default engine.
+
+Why not `generate`: for RL rollouts three things matter that `generate` does not do.
+- The K samples of a prompt share one prefill: the prompt is run once and its keys and
+  values are repeated K times, instead of K identical prompt passes.
+- Finished rows leave the batch: once a row emits eos it is dropped from the cache, so
+  a batch whose responses end early stops paying for them.
+- Every token's log-probability under the sampling distribution is returned natively,
+  through the same `opo.sampling` maths the trainer scores with.
+
+The model runs in whatever mode the trainer keeps it in (dropout is off at load, see
+`opo.models`), and the weights are the trainer's own, so syncing is free.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+from opo.rollout.base import RolloutBatch, SamplingParams, pad_left, prompt_chunks
+from opo.sampling import sample
+
+
+class FastEngine:
+    def __init__(self, model, tokenizer, eos_ids: list[int], batch_size: int = 0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = list(eos_ids)
+        self.batch_size = batch_size
+        self.policy_version = 0
+
+    def sync_weights(self, model: torch.nn.Module, version: int) -> None:
+        self.model = model
+        self.policy_version = version
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> RolloutBatch:
+        rows, groups, responses, reasons, logprobs = [], [], [], [], []
+        for part in prompt_chunks(len(prompt_ids), params.n, self.batch_size):
+            prompts = prompt_ids[part]
+            resp, reas, lps = self._sample(prompts, params)
+            responses += resp
+            reasons += reas
+            logprobs += lps
+            rows += [p for p in prompts for _ in range(params.n)]
+            groups += [part.start + g for g in range(len(prompts)) for _ in range(params.n)]
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        return RolloutBatch(prompt_ids=rows, response_ids=responses, finish_reasons=reasons,
+                            group_ids=groups, policy_version=self.policy_version, texts=texts,
+                            logprobs=logprobs)
+
+    def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
+        """Last-position logits [B, V] of one forward pass that extends `cache`."""
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         use_cache=True, logits_to_keep=1, **{_cache_kwarg(self.model): cache})
+        return out.logits[:, -1]
+
+    def _sample(self, prompts: list[list[int]], params: SamplingParams):
+        from transformers import DynamicCache
+
+        device = next(self.model.parameters()).device
+        n, budget = params.n, params.max_new_tokens
+        ids, mask = pad_left(prompts, self.tokenizer.pad_token_id, device)
+        # Left padding: a row's positions count its real tokens only, as in training.
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(ids, mask, positions, cache)  # one prefill per prompt
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            logits, mask = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+            positions = positions.repeat_interleave(n, 0)
+        next_pos = positions[:, -1] + 1
+        total = len(prompts) * n
+        live = torch.arange(total, device=device)  # output row of each cache row
+        eos = torch.tensor(self.eos_ids, device=device)
+        tokens_by_step, logp_by_step, rows_by_step = [], [], []
+        for t in range(budget):
+            token, logp = sample(logits, params.temperature, params.top_p, params.top_k)
+            tokens_by_step.append(token)
+            logp_by_step.append(logp)
+            rows_by_step.append(live)
+            done = torch.isin(token, eos)
+            if t == budget - 1:
+                break
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(-1)
+                if keep.numel() == 0:
+                    break
+                cache.batch_select_indices(keep)  # finished rows stop costing anything
+                live, token, mask, next_pos = live[keep], token[keep], mask[keep], next_pos[keep]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+            logits = self._forward(token[:, None], mask, next_pos[:, None], cache)
+            next_pos = next_pos + 1
+        # Reassemble per-row sequences from the per-step (row, token, logp) triples.
+        responses = [[] for _ in range(total)]
+        logprobs = [[] for _ in range(total)]
+        for live_rows, token, logp in zip(rows_by_step, tokens_by_step, logp_by_step):
+            for r, tok, lp in zip(live_rows.tolist(), token.tolist(), logp.tolist()):
+                responses[r].append(tok)
+                logprobs[r].append(lp)
+        # A row leaves the loop right after its eos, so it stopped iff its last token is one.
+        eos_set = set(self.eos_ids)
+        reasons = ["stop" if row[-1] in eos_set else "length" for row in responses]
+        return responses, reasons, logprobs
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_for(cls: type) -> str:
+    # transformers renamed `past_key_values` to `cache` (5.x); accept either generation.
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def _cache_kwarg(model) -> str:
+    return _cache_kwarg_for(type(model))

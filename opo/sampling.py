@@ -1,0 +1,106 @@
+"""The sampling distribution, as pure tensor maths.
+
+Exact on-policy training must score tokens under the very distribution they were drawn
+from. A sampler with temperature T, top-k and top-p (nucleus) filtering draws from
+
+    pi_s(v) ∝ exp(z_v / T)  for v in S(z),  0 elsewhere,
+
+where S(z) is the set of tokens that survive top-k (the k largest logits, ties kept), then
+top-p (the smallest high-probability set whose mass under the renormalised top-k
+distribution reaches p; a token is dropped when the mass of all tokens *less* likely than
+or as likely as it, itself included, is at most 1 − p). This matches transformers'
+temperature, top-k and top-p warpers applied in that order.
+
+Every engine samples through `filter_logits` and every scorer (the trainer's loss, the
+KL probe, the entropy metric) goes through the same function, so sampler and trainer
+agree up to floating-point noise, which `logp_mismatch` measures each step.
+
+Shapes: `[..., V]` logits over a vocabulary of V; leading dimensions are free.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def uses_filtering(top_p: float, top_k: int) -> bool:
+    """True when top-p or top-k removes tokens, i.e. the support is not the whole vocabulary."""
+    return top_p < 1.0 or top_k > 0
+
+
+def filter_logits(logits: Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                  keep: Tensor | None = None) -> Tensor:
+    """Logits of the sampling distribution: [..., V] -> [..., V] float32.
+
+    Divides by `temperature` (> 0) and sets tokens outside the top-k / top-p support to
+    −inf. `keep` [...] (token ids) forces those tokens into the support: the trainer
+    passes the tokens the sampler actually drew, so that floating-point noise between
+    two forward passes can never turn a drawn token's log-probability into −inf (the
+    mismatch metric still reports the difference honestly). The support is chosen
+    without gradient; the result is differentiable with respect to `logits` inside it.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 for a sampling distribution, got {temperature}")
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    if not uses_filtering(top_p, top_k):
+        return z
+    with torch.no_grad():
+        removed = torch.zeros(z.shape, dtype=torch.bool, device=z.device)
+        if top_k > 0 and top_k < z.shape[-1]:
+            kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
+            removed |= z < kth
+        if top_p < 1.0:
+            masked = z.masked_fill(removed, float("-inf"))
+            ascending, order = torch.sort(masked, dim=-1)
+            mass_below = ascending.softmax(dim=-1).cumsum(dim=-1)
+            drop_sorted = mass_below <= (1.0 - top_p)
+            drop_sorted[..., -1] = False  # the most likely token always stays
+            removed |= drop_sorted.scatter(-1, order, drop_sorted)
+        if keep is not None:
+            removed.scatter_(-1, keep.long().unsqueeze(-1), False)
+    return z.masked_fill(removed, float("-inf"))
+
+
+def target_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, top_p: float = 1.0,
+                    top_k: int = 0) -> Tensor:
+    """log pi_s(target) for logits [..., V] and targets [...]: returns [...] float32.
+
+    A logsumexp and a gather instead of a full log-softmax: one [..., V] float32 tensor
+    (the filtered logits) is all that is materialised.
+    """
+    z = filter_logits(logits, temperature, top_p, top_k, keep=targets)
+    picked = z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(z, dim=-1)
+
+
+@torch.no_grad()
+def entropy(logits: Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> Tensor:
+    """Entropy of the sampling distribution, [..., V] -> [...] float32, never in the graph.
+
+    H = logsumexp(z) − Σ_v p_v z_v over the support (tokens outside it have p_v = 0 and
+    contribute nothing; masking avoids 0 · (−inf)).
+    """
+    z = filter_logits(logits.detach(), temperature, top_p, top_k)
+    probs = torch.softmax(z, dim=-1)
+    finite = torch.where(torch.isfinite(z), z, torch.zeros((), dtype=z.dtype, device=z.device))
+    return torch.logsumexp(z, dim=-1) - (probs * finite).sum(-1)
+
+
+def sample(logits: Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0,
+           generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Draw one token per row of logits [B, V]: (tokens [B] long, their log pi_s [B]).
+
+    temperature <= 0 means greedy: the arg-max, with log-probability 0 (a point mass).
+    """
+    if temperature <= 0:
+        return logits.argmax(dim=-1), torch.zeros(logits.shape[0], device=logits.device)
+    z = filter_logits(logits, temperature, top_p, top_k)
+    logp = torch.log_softmax(z, dim=-1)
+    tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+__all__ = ["uses_filtering", "filter_logits", "target_logprobs", "entropy", "sample"]

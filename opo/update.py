@@ -1,0 +1,160 @@
+"""One policy update: the optimiser step(s) for one rollout batch.
+
+Exact on-policy (updates_per_batch = 1, the OPO setting): one step on the whole batch,
+old log-probs are not needed (the ratio is exp(logp − sg(logp)) = 1), and the sampler's
+own log-probs are compared with the trainer's before the step is taken.
+
+Off-policy comparison (updates_per_batch = U > 1): old log-probs are computed once,
+under the sampling distribution, before the first of U mini-batch steps with PPO
+clipping. That is the paper's "off-policy" arm, not the default.
+
+Gradients of the micro-batches of one step add up to the full-batch gradient: the loss
+of each is divided by the token count of the whole (mini-)batch, not its own.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+
+import torch
+
+from opo.loss import policy_loss
+from opo.sequences import Dist, Packed, batched_logprobs, plan_micro_batches, score
+
+
+class OffPolicyError(RuntimeError):
+    """The trainer's log-probs disagree with the sampler's: the update would not be on-policy."""
+
+
+class PhaseTimer:
+    """Seconds spent per named phase of a step: `with timer("forward"): ...`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def row(self) -> dict[str, float]:
+        return {f"time_{k}": v for k, v in self.seconds.items()}
+
+
+def sampling_dist(cfg) -> Dist:
+    return Dist(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
+
+
+def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cfg, ref_model=None,
+                  timer: PhaseTimer | None = None) -> dict:
+    """Apply the update for one rollout batch; return its statistics.
+
+    packed.values may hold "sampler_logp" (the engine's per-token log-probs); then
+    logp_mismatch_max / logp_mismatch_mean report |log pi_sampler − log pi_trainer| over
+    the batch's response tokens under the weights that sampled them, and in exact
+    on-policy mode a mismatch above algo.max_logp_mismatch raises OffPolicyError before
+    any weight changes.
+    """
+    a = cfg.algo
+    timer = timer or PhaseTimer()
+    dist = sampling_dist(cfg)
+    limits = {"max_rows": a.micro_batch_size, "max_tokens": a.max_tokens_per_micro_batch}
+    on_policy = a.updates_per_batch == 1
+    params = [p for p in model.parameters() if p.requires_grad]
+    stats = {"loss": 0.0, "entropy": 0.0, "grad_norm": 0.0, "clip_frac": 0.0, "ratio_max": 0.0,
+             "bad_updates": 0}
+    mismatch = _Mismatch()
+    batch_tokens = float(packed.response_mask.sum())
+    if not on_policy:
+        with timer("old_logprobs"):
+            old = batched_logprobs(model, packed, dist, chunk_tokens=a.logprob_chunk_size, **limits)
+        packed.values["old_logp"] = old
+        mismatch.add(old, packed)
+    order = torch.randperm(packed.num_rows) if not on_policy else torch.arange(packed.num_rows)
+    for rows in order.chunk(a.updates_per_batch):
+        mini = packed.rows(rows)
+        mini_adv = advantages[rows]
+        mini_tokens = float(mini.response_mask.sum())
+        optimizer.zero_grad(set_to_none=True)
+        mini_loss = clipped = 0.0
+        for idx in plan_micro_batches(mini.row_lengths().tolist(), **limits):
+            idx = torch.tensor(idx)
+            micro = mini.rows(idx)
+            with timer("forward"):
+                logp, entropy = score(model, micro, dist, with_entropy=True,
+                                      chunk_tokens=a.logprob_chunk_size)
+                ref = None
+                if ref_model is not None:
+                    with torch.no_grad():
+                        ref = score(ref_model, micro, dist, chunk_tokens=a.logprob_chunk_size)[0]
+                loss, st = policy_loss(
+                    logp, micro.values.get("old_logp"), mini_adv[idx.to(mini_adv.device)],
+                    micro.response_mask, agg=a.loss_agg, total_tokens=mini_tokens,
+                    total_seqs=float(len(rows)), clip_eps=None if on_policy else a.clip_eps,
+                    entropy=entropy, entropy_coef=a.entropy_coef, ref_logp=ref, kl_coef=a.kl_coef)
+            if on_policy:
+                mismatch.add(logp.detach(), micro)
+            with timer("backward"):
+                loss.backward()
+            mini_loss += float(loss.detach())
+            micro_tokens = float(micro.response_mask.sum())
+            clipped += st["clip_frac"] * micro_tokens
+            stats["ratio_max"] = max(stats["ratio_max"], st["ratio_max"])
+            stats["entropy"] += float((entropy * micro.response_mask).sum()) / batch_tokens
+        if on_policy:
+            mismatch.check(a.max_logp_mismatch)
+        with timer("optimizer"):
+            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            if not (math.isfinite(grad_norm) and math.isfinite(mini_loss)):
+                optimizer.zero_grad(set_to_none=True)  # a NaN/inf step is skipped, never applied
+                stats["bad_updates"] += 1
+                continue
+            optimizer.step()
+        stats["loss"] += mini_loss / a.updates_per_batch
+        stats["grad_norm"] += grad_norm / a.updates_per_batch
+        stats["clip_frac"] += clipped / max(mini_tokens, 1.0) / a.updates_per_batch
+    optimizer.zero_grad(set_to_none=True)
+    stats.update(mismatch.summary())
+    return stats
+
+
+class _Mismatch:
+    """Running max and mean of |log pi_sampler − log pi_trainer| over response tokens."""
+
+    def __init__(self):
+        self.max = 0.0
+        self.total = 0.0
+        self.tokens = 0
+        self.seen = False
+
+    def add(self, trainer_logp: torch.Tensor, packed: Packed) -> None:
+        sampler = packed.values.get("sampler_logp")
+        if sampler is None:
+            return
+        mask = packed.response_mask.bool()
+        diff = (trainer_logp.float() - sampler.to(trainer_logp.device))[mask].abs()
+        if diff.numel():
+            self.seen = True
+            self.max = max(self.max, float(diff.max()))
+            self.total += float(diff.double().sum())
+            self.tokens += diff.numel()
+
+    def check(self, limit: float) -> None:
+        if limit and self.seen and not self.max <= limit:
+            raise OffPolicyError(
+                f"the trainer's log-probabilities differ from the sampler's by up to {self.max:.3g} "
+                f"(algo.max_logp_mismatch={limit:g}): the update would not be exactly on-policy. "
+                f"Usual causes: low-precision compute (raise algo.max_logp_mismatch for bf16/fp16), "
+                f"a sampler that does not use the configured temperature/top_p/top_k, or an engine "
+                f"whose weights were not synced. No weights were changed by this step.")
+
+    def summary(self) -> dict:
+        if not self.seen:
+            return {"logp_mismatch_max": None, "logp_mismatch_mean": None}
+        return {"logp_mismatch_max": self.max, "logp_mismatch_mean": self.total / self.tokens}

@@ -1,0 +1,72 @@
+"""The sampling distribution: our filter equals transformers' warpers, and sampling follows it."""
+
+import pytest
+import torch
+
+from opo.sampling import entropy, filter_logits, sample, target_logprobs
+
+
+def _hf_processed(logits, temperature, top_p, top_k):
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers(None, logits.clone())
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [
+    (1.0, 1.0, 0), (0.7, 1.0, 0), (1.3, 0.9, 0), (0.6, 1.0, 5), (0.8, 0.75, 12), (1.0, 0.3, 3)])
+def test_filter_matches_transformers_warpers(temperature, top_p, top_k):
+    torch.manual_seed(0)
+    logits = torch.randn(64, 50) * 3
+    ours = torch.log_softmax(filter_logits(logits, temperature, top_p, top_k), -1)
+    theirs = torch.log_softmax(_hf_processed(logits, temperature, top_p, top_k), -1)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))  # the same support, token for token
+    finite = torch.isfinite(ours)
+    assert torch.allclose(ours[finite], theirs[finite], atol=1e-5)
+    if top_p < 1 or top_k:
+        assert torch.isinf(ours).any()  # the cases above really do cut tokens
+
+
+def test_kept_target_stays_in_the_support():
+    logits = torch.tensor([[5.0, 4.0, -3.0, -9.0]])
+    assert torch.isinf(filter_logits(logits, 1.0, 0.9)[0, 3])
+    kept = filter_logits(logits, 1.0, 0.9, keep=torch.tensor([3]))
+    assert torch.isfinite(kept[0, 3])
+    assert torch.isfinite(target_logprobs(logits, torch.tensor([3]), 1.0, 0.9)).all()
+
+
+def test_target_logprobs_and_entropy_of_the_filtered_distribution():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 7, 20)
+    targets = torch.randint(0, 20, (3, 7))
+    for t, p, k in [(1.0, 1.0, 0), (0.5, 0.8, 6)]:
+        z = filter_logits(logits, t, p, k, keep=targets)
+        expect = torch.log_softmax(z, -1).gather(-1, targets[..., None]).squeeze(-1)
+        assert torch.allclose(target_logprobs(logits, targets, t, p, k), expect, atol=1e-6)
+        probs = torch.softmax(filter_logits(logits, t, p, k), -1)
+        logp = torch.log(probs.clamp_min(1e-30))
+        assert torch.allclose(entropy(logits, t, p, k), -(probs * logp).sum(-1), atol=1e-5)
+
+
+def test_sampling_follows_the_filtered_distribution():
+    """Empirical frequencies of 40k draws match the filtered distribution; cut tokens never appear."""
+    torch.manual_seed(2)
+    logits = torch.randn(1, 12) * 2
+    draws = 40_000
+    tokens, logp = sample(logits.expand(draws, -1), 0.8, top_p=0.9, top_k=8)
+    probs = torch.softmax(filter_logits(logits, 0.8, 0.9, 8), -1)[0]
+    freq = torch.bincount(tokens, minlength=12).float() / draws
+    assert (freq[probs == 0] == 0).all()
+    assert (freq - probs).abs().max() < 0.012  # ~5 standard errors at p = 0.5
+    assert torch.allclose(logp, probs.log()[tokens])
+
+
+def test_greedy_sampling_is_the_argmax():
+    logits = torch.tensor([[0.1, 3.0, -1.0], [2.0, 0.0, 1.0]])
+    tokens, logp = sample(logits, 0.0)
+    assert tokens.tolist() == [1, 0] and logp.tolist() == [0.0, 0.0]
