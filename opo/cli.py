@@ -151,8 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_third_party() -> None:
+    """transformers draws its own bars when loading and saving weights; ours is the one to read."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_third_party()
     from opo.checkpoint import CheckpointError
     from opo.data import DataError
     from opo.models import ModelError

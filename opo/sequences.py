@@ -142,8 +142,13 @@ def score(model, packed: Packed, dist: Dist = Dist(), *, with_entropy: bool = Fa
     targets = packed.input_ids[:, packed.start + 1:][mask]        # [N]
     head = _output_layer(model)
 
-    def chunk_logp(h_c, t_c):
-        return sampling.target_logprobs(head(h_c), t_c, dist.temperature, dist.top_p, dist.top_k)
+    def chunk_scores(h_c, t_c):
+        # One output-layer product serves both the log-probs and the (detached) entropy.
+        logits = head(h_c)
+        logp = sampling.target_logprobs(logits, t_c, dist.temperature, dist.top_p, dist.top_k)
+        if not with_entropy:
+            return logp, None
+        return logp, sampling.entropy(logits, dist.temperature, dist.top_p, dist.top_k)
 
     n = h.shape[0]
     size = chunk_tokens if chunk_tokens and chunk_tokens < n else max(n, 1)
@@ -151,14 +156,12 @@ def score(model, packed: Packed, dist: Dist = Dist(), *, with_entropy: bool = Fa
     logp_parts, ent_parts = [], []
     for lo in range(0, n, size):
         h_c, t_c = h[lo:lo + size], targets[lo:lo + size]
-        if recompute:
-            logp_parts.append(checkpoint(chunk_logp, h_c, t_c, use_reentrant=False))
+        if recompute:  # keep only h_c for backward; the chunk's logits are rebuilt there
+            logp_c, ent_c = checkpoint(chunk_scores, h_c, t_c, use_reentrant=False)
         else:
-            logp_parts.append(chunk_logp(h_c, t_c))
-        if with_entropy:
-            with torch.no_grad():
-                ent_parts.append(sampling.entropy(head(h_c.detach()), dist.temperature,
-                                                  dist.top_p, dist.top_k))
+            logp_c, ent_c = chunk_scores(h_c, t_c)
+        logp_parts.append(logp_c)
+        ent_parts.append(ent_c)
     flat = torch.cat(logp_parts) if logp_parts else h.new_zeros(0)
     logp = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
     entropy = None
