@@ -61,23 +61,23 @@ class KLProbe:
 
     def __init__(self, packed: Packed, logp0: torch.Tensor):
         self.packed = packed  # the probe sequences, packed as for training
-        self.logp0 = logp0    # [N, W] log pi_0 of the window's targets
+        self.logp0 = logp0    # [N, T] log pi_0 of each probe response token
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         p = self.packed
-        return {"probe.input_ids": p.input_ids, "probe.attention_mask": p.attention_mask,
-                "probe.response_mask": p.response_mask, "probe.start": torch.tensor(p.start),
-                "probe.logp0": self.logp0}
+        return {"probe.prompt_ids": p.prompt_ids, "probe.prompt_mask": p.prompt_mask,
+                "probe.row_group": p.row_group, "probe.response_ids": p.response_ids,
+                "probe.response_mask": p.response_mask, "probe.logp0": self.logp0}
 
     @classmethod
     def from_state_dict(cls, d: dict[str, torch.Tensor]) -> "KLProbe":
-        packed = Packed(d["probe.input_ids"], d["probe.attention_mask"], d["probe.response_mask"],
-                        int(d["probe.start"]))
+        packed = Packed(d["probe.prompt_ids"], d["probe.prompt_mask"], d["probe.row_group"],
+                        d["probe.response_ids"], d["probe.response_mask"])
         return cls(packed, d["probe.logp0"])
 
     @torch.no_grad()
     def estimate(self, logprob_fn) -> float:
-        """logprob_fn(packed) -> log pi_t of the window's targets, [N, W]."""
+        """logprob_fn(packed) -> log pi_t of every probe response token, [N, T]."""
         logp = logprob_fn(self.packed)
         log_ratio = (logp - self.logp0.to(logp.device)).double()
         k3 = torch.expm1(log_ratio) - log_ratio

@@ -6,8 +6,10 @@ as a safetensors folder, so only the first load is slow.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import inspect
 import os
 import shutil
 from pathlib import Path
@@ -232,3 +234,14 @@ def eos_ids(model, tokenizer) -> list[int]:
     """Every token that ends a response: the tokenizer's eos plus the generation config's."""
     ids = {tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)}
     return sorted(i for i in ids if i is not None)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_for(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cache_kwarg(module) -> str:
+    """The name of the key/value-cache argument of `module.forward`: transformers 5.x renamed
+    `past_key_values` to `cache`; either generation of the library works."""
+    return _cache_kwarg_for(type(module))

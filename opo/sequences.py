@@ -1,13 +1,20 @@
-"""Packing prompt+response rows and scoring their response tokens under a model.
+"""Rollout rows ready for scoring, and scoring their response tokens under a model.
 
-Scoring is where exactness and memory meet:
+Scoring is where exactness, memory and speed meet:
 - tokens are scored under the sampling distribution (temperature, top-k, top-p) through
   `opo.sampling`, the same maths every engine samples with;
-- only response positions reach the output layer, and they do so in chunks of at most
-  `chunk_tokens` tokens, each recomputed in the backward pass, so no [B, T, V] tensor of
-  logits ever exists: memory is bounded by one chunk's [chunk, V];
-- micro-batches are cut by rows *and* by a token budget, and each micro-batch is trimmed
-  to its own widest row, so padding costs little.
+- the K responses to one prompt share one pass over the prompt: its keys and values are
+  computed once and reused by all K rows (the backward pass flows through them once), so
+  the prompt is not run K times; this is the same computation as K full rows, not an
+  approximation, and it is checked against them in the tests;
+- only response positions reach the output layer, in chunks of at most `chunk_tokens`
+  tokens, each recomputed in the backward pass when there is more than one, so no
+  [B, T, V] tensor of logits ever exists;
+- micro-batches are cut by rows and by a token budget, and each is trimmed to its own
+  longest prompt and response.
+
+Layout: everything per response token is a [B, T] tensor whose column t is response
+token t of row b (right-padded; `response_mask` marks real tokens).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from opo import sampling
+from opo.models import cache_kwarg
 
 
 @dataclass(frozen=True)
@@ -31,85 +39,115 @@ class Dist:
 
 @dataclass
 class Packed:
-    """Right-padded prompt+response rows, cut to the window that holds response targets.
+    """B response rows answering G distinct prompts.
 
-    input_ids [B, W]; attention_mask [B, W]; `start` is the first position whose next
-    token can be a response token, so only positions start..W-2 need logits.
-    response_mask [B, W-1-start]: 1 where the target at that position is a response token.
-    values: named per-token tensors laid out like response_mask (sampler log-probs,
-    stored old log-probs); `rows` slices and trims them together with the ids.
+    prompt_ids [G, P] left-padded, prompt_mask [G, P]; row_group [B] (long) names the
+    prompt of each row; response_ids [B, T] right-padded, response_mask [B, T] (float,
+    1 on real tokens). values: named [B, T] per-token tensors (sampler log-probs, stored
+    old log-probs) that `rows` selects and trims together with the ids.
     """
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    row_group: torch.Tensor
+    response_ids: torch.Tensor
     response_mask: torch.Tensor
-    start: int
     values: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device) -> "Packed":
-        return Packed(self.input_ids.to(device), self.attention_mask.to(device),
-                      self.response_mask.to(device), self.start,
+        return Packed(self.prompt_ids.to(device), self.prompt_mask.to(device), self.row_group.to(device),
+                      self.response_ids.to(device), self.response_mask.to(device),
                       {k: v.to(device) for k, v in self.values.items()})
 
     @property
     def num_rows(self) -> int:
-        return self.input_ids.shape[0]
+        return self.response_ids.shape[0]
 
-    def row_lengths(self) -> torch.Tensor:
-        """Prompt+response tokens per row [B]."""
-        return self.attention_mask.sum(-1)
+    def response_lengths(self) -> list[int]:
+        return self.response_mask.sum(-1).long().tolist()
+
+    def prompt_lengths(self) -> list[int]:
+        """Prompt tokens of each row's prompt [B]."""
+        return self.prompt_mask.sum(-1)[self.row_group].long().tolist()
 
     def rows(self, idx) -> "Packed":
-        """The rows `idx` (indices, slice or mask), trimmed to the columns they use."""
-        ids, attn = self.input_ids[idx], self.attention_mask[idx]
-        resp = self.response_mask[idx]
-        values = {k: v[idx] for k, v in self.values.items()}
-        if ids.shape[0] == 0:
-            return Packed(ids, attn, resp, self.start, values)
-        width = int(attn.sum(-1).max())
-        # First response target of each row sits at window column c, i.e. position start + c.
-        first = (resp > 0).float().argmax(-1)
-        start = self.start + int(first.min())
-        lo, hi = start - self.start, width - 1 - self.start
-        return Packed(ids[:, :width], attn[:, :width], resp[:, lo:hi], start,
-                      {k: v[:, lo:hi] for k, v in values.items()})
+        """The rows `idx` (indices or a slice), with only their prompts, trimmed to the
+        longest prompt and response among them."""
+        if not isinstance(idx, torch.Tensor):
+            idx = torch.arange(self.num_rows)[idx]
+        idx = idx.to(self.row_group.device)
+        used, row_group = torch.unique(self.row_group[idx], return_inverse=True)
+        prompt_ids, prompt_mask = self.prompt_ids[used], self.prompt_mask[used]
+        resp_ids, resp_mask = self.response_ids[idx], self.response_mask[idx]
+        p = int(prompt_mask.sum(-1).max()) if len(used) else 0
+        t = int(resp_mask.sum(-1).max()) if len(idx) else 0
+        return Packed(prompt_ids[:, prompt_ids.shape[1] - p:], prompt_mask[:, prompt_mask.shape[1] - p:],
+                      row_group, resp_ids[:, :t], resp_mask[:, :t],
+                      {k: v[idx][:, :t] for k, v in self.values.items()})
 
     def spread(self, per_row: list[list[float]]) -> torch.Tensor:
-        """Per-token values of each response (e.g. sampler log-probs) laid out like response_mask."""
-        flat = torch.tensor([x for row in per_row for x in row], dtype=torch.float32)
+        """Per-token values of each response (e.g. sampler log-probs) in the [B, T] layout."""
         out = torch.zeros(self.response_mask.shape, dtype=torch.float32)
-        return out.masked_scatter(self.response_mask.cpu().bool(), flat).to(self.response_mask.device)
+        for i, row in enumerate(per_row):
+            out[i, :len(row)] = torch.tensor(row, dtype=torch.float32)
+        return out.to(self.response_mask.device)
+
+    def micro_batches(self, max_rows: int = 0, max_tokens: int = 0) -> list[list[int]]:
+        """Row indices per micro-batch; see `plan_micro_batches`."""
+        return plan_micro_batches(self.response_lengths(), max_rows, max_tokens,
+                                  groups=self.row_group.tolist(), prompt_lengths=self.prompt_lengths())
 
 
 def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Packed:
-    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    start = min(len(p) for p in prompts) - 1
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(prompts), width), dtype=torch.long)
-    resp = torch.zeros((len(prompts), width - 1), dtype=torch.float32)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        attn[i, :len(p) + len(r)] = 1
-        resp[i, len(p) - 1:len(p) - 1 + len(r)] = 1.0  # position t predicts token t+1
-    return Packed(ids, attn, resp[:, start:], start)
+    """Rows of (prompt, response) token lists; rows with identical prompts share one prompt."""
+    distinct: dict[tuple, int] = {}
+    row_group = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    unique = list(distinct)
+    width = max(map(len, unique))
+    prompt_ids = torch.full((len(unique), width), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(unique), width), dtype=torch.long)
+    for g, p in enumerate(unique):
+        prompt_ids[g, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        prompt_mask[g, width - len(p):] = 1
+    t = max(map(len, responses))
+    response_ids = torch.full((len(responses), t), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((len(responses), t), dtype=torch.float32)
+    for i, r in enumerate(responses):
+        response_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        response_mask[i, :len(r)] = 1.0
+    return Packed(prompt_ids, prompt_mask, torch.tensor(row_group), response_ids, response_mask)
 
 
-def plan_micro_batches(lengths: list[int], max_rows: int = 0, max_tokens: int = 0) -> list[list[int]]:
+def plan_micro_batches(lengths: list[int], max_rows: int = 0, max_tokens: int = 0, *,
+                       groups: list[int] | None = None,
+                       prompt_lengths: list[int] | None = None) -> list[list[int]]:
     """Group row indices into micro-batches of at most `max_rows` rows and at most
-    `max_tokens` padded tokens (rows x widest row); 0 means no limit.
+    `max_tokens` padded tokens; 0 means no limit.
 
-    Rows are taken longest first, so rows of similar length share a micro-batch and
-    little is padded. A row longer than `max_tokens` still gets a micro-batch of its own.
+    lengths are response lengths. With `groups` and `prompt_lengths`, rows answering one
+    prompt are kept together where the budget allows (they share the prompt's pass), and
+    a micro-batch costs (its prompts x longest prompt) + (its rows x longest response);
+    without them it costs rows x longest length. Rows are taken longest first, so rows of
+    similar length share a micro-batch. A row over budget on its own gets its own.
     """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    n = len(lengths)
+    groups = groups if groups is not None else list(range(n))
+    plens = prompt_lengths if prompt_lengths is not None else [0] * n
+    longest = {}
+    for i in range(n):
+        longest[groups[i]] = max(longest.get(groups[i], 0), lengths[i])
+    order = sorted(range(n), key=lambda i: (-longest[groups[i]], groups[i], -lengths[i], i))
+
+    def cost(rows: list[int]) -> int:
+        prompts = {groups[i] for i in rows}
+        return len(prompts) * max(plens[i] for i in rows) + len(rows) * max(lengths[i] for i in rows)
+
     plan: list[list[int]] = []
     for i in order:
         if plan:
             current = plan[-1]
-            widest = max(lengths[current[0]], lengths[i])  # the first row is the longest
             fits_rows = not max_rows or len(current) < max_rows
-            fits_tokens = not max_tokens or (len(current) + 1) * widest <= max_tokens
-            if fits_rows and fits_tokens:
+            if fits_rows and (not max_tokens or cost(current + [i]) <= max_tokens):
                 current.append(i)
                 continue
         plan.append([i])
@@ -125,21 +163,77 @@ def _output_layer(model):
     return lambda h: torch.tanh(head(h) / cap) * cap
 
 
-def score(model, packed: Packed, dist: Dist = Dist(), *, with_entropy: bool = False,
-          chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi_s(target) over the window [B, W'] (0 off the response mask), and the
-    sampling distribution's entropy there (detached) or None.
+def can_share_prompts(model) -> bool:
+    """Whether the prompt's keys/values can be computed once and reused: true for full-attention
+    decoders. Sliding-window layers and activation checkpointing (which turns the cache off in
+    transformers) use one full pass per row instead."""
+    config = getattr(model, "config", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    if any("sliding" in str(t) for t in layer_types):
+        return False
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # newer name first
+        if hasattr(type(model), name):
+            return not getattr(model, name)
+    return True
 
-    The decoder runs once on the rows; the output layer runs only on response
-    positions, `chunk_tokens` at a time (0 = all at once). With more than one chunk and
-    gradients enabled, each chunk is recomputed during backward instead of keeping its
-    [chunk, V] logits alive.
+
+def _hidden_shared(model, packed: Packed) -> torch.Tensor:
+    """Hidden states [B, T, H] that predict response tokens 0..T-1, one prompt pass per prompt."""
+    from transformers import DynamicCache
+
+    decoder = model.get_decoder()
+    prompt_pos = (packed.prompt_mask.cumsum(-1) - 1).clamp_min(0)
+    cache = DynamicCache(config=model.config)
+    kw = cache_kwarg(decoder)
+    out = decoder(input_ids=packed.prompt_ids, attention_mask=packed.prompt_mask, position_ids=prompt_pos,
+                  use_cache=True, **{kw: cache})
+    last = out.last_hidden_state[:, -1]                         # [G, H]: predicts response token 0
+    cache.batch_select_indices(packed.row_group)                # prompt keys/values for each row
+    t = packed.response_ids.shape[1]
+    if t > 1:
+        mask = torch.cat([packed.prompt_mask[packed.row_group], packed.response_mask.long()], dim=-1)
+        start = packed.prompt_mask.sum(-1)[packed.row_group]
+        pos = start[:, None] + torch.arange(t - 1, device=start.device)
+        out = decoder(input_ids=packed.response_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos,
+                      use_cache=True, **{kw: cache})
+        return torch.cat([last[packed.row_group, None], out.last_hidden_state], dim=1)
+    return last[packed.row_group, None]
+
+
+def _hidden_full(model, packed: Packed) -> torch.Tensor:
+    """The same hidden states [B, T, H], from one right-padded prompt+response pass per row."""
+    plen = packed.prompt_mask.sum(-1)[packed.row_group]          # [B]
+    rlen = packed.response_mask.sum(-1).long()
+    b, t = packed.response_ids.shape
+    width = int((plen + rlen).max())
+    ids = torch.zeros((b, width), dtype=torch.long, device=packed.response_ids.device)
+    attn = torch.zeros_like(ids)
+    for i in range(b):
+        p, r = int(plen[i]), int(rlen[i])
+        g = int(packed.row_group[i])
+        ids[i, :p] = packed.prompt_ids[g, packed.prompt_ids.shape[1] - p:]
+        ids[i, p:p + r] = packed.response_ids[i, :r]
+        attn[i, :p + r] = 1
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
+    index = (plen[:, None] - 1 + torch.arange(t, device=plen.device)).clamp(max=width - 1)
+    return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def score(model, packed: Packed, dist: Dist = Dist(), *, with_entropy: bool = False,
+          chunk_tokens: int = 0, share_prompts: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi_s of every response token [B, T] (0 off the mask), and the sampling
+    distribution's entropy there (detached) or None.
+
+    share_prompts: run each prompt once for all its rows (None = when the model allows it).
+    The output layer sees response positions only, `chunk_tokens` at a time (0 = all); with
+    more than one chunk and gradients on, each chunk is recomputed during backward.
     """
-    hidden = model.get_decoder()(input_ids=packed.input_ids,
-                                 attention_mask=packed.attention_mask).last_hidden_state
+    if share_prompts is None:
+        share_prompts = can_share_prompts(model)
+    hidden = (_hidden_shared if share_prompts else _hidden_full)(model, packed)
     mask = packed.response_mask.bool()
-    h = hidden[:, packed.start:-1][mask]                          # [N, H] response positions
-    targets = packed.input_ids[:, packed.start + 1:][mask]        # [N]
+    h = hidden[mask]                                   # [N, H]
+    targets = packed.response_ids[mask]                # [N]
     head = _output_layer(model)
 
     def chunk_scores(h_c, t_c):
@@ -174,13 +268,12 @@ def score(model, packed: Packed, dist: Dist = Dist(), *, with_entropy: bool = Fa
 @torch.no_grad()
 def batched_logprobs(model, packed: Packed, dist: Dist = Dist(), *, max_rows: int = 0,
                      max_tokens: int = 0, chunk_tokens: int = 0) -> torch.Tensor:
-    """log pi_s(target) [B, W'] without gradients, micro-batch by micro-batch."""
+    """log pi_s of every response token [B, T] without gradients, micro-batch by micro-batch."""
     device = next(model.parameters()).device
     out = torch.zeros(packed.response_mask.shape, dtype=torch.float32)
-    lengths = packed.row_lengths().tolist()
-    for idx in plan_micro_batches(lengths, max_rows, max_tokens):
+    for idx in packed.micro_batches(max_rows, max_tokens):
         micro = packed.rows(torch.tensor(idx)).to(device)
         logp = score(model, micro, dist, chunk_tokens=chunk_tokens)[0].cpu()
-        lo = micro.start - packed.start
-        out[idx, lo:lo + logp.shape[1]] = logp
+        out[idx, :logp.shape[1]] = logp
     return out.to(packed.response_mask.device)
+

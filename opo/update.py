@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 
 from opo.loss import policy_loss
-from opo.sequences import Dist, Packed, batched_logprobs, plan_micro_batches, score
+from opo.sequences import Dist, Packed, batched_logprobs, score
 
 
 class OffPolicyError(RuntimeError):
@@ -82,7 +82,7 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
         mini_tokens = float(mini.response_mask.sum())
         optimizer.zero_grad(set_to_none=True)
         mini_loss = clipped = 0.0
-        for idx in plan_micro_batches(mini.row_lengths().tolist(), **limits):
+        for idx in mini.micro_batches(**limits):
             idx = torch.tensor(idx)
             micro = mini.rows(idx)
             with timer("forward"):

@@ -184,11 +184,40 @@ def test_trimmed_micro_batches_score_like_the_full_batch(micro_policy):
         full = score(model, packed)[0]
         for idx in ([0, 2], [1], [3, 1]):
             micro = packed.rows(torch.tensor(idx))
-            assert micro.input_ids.shape[1] == max(len(prompts[i]) + len(responses[i]) for i in idx)
+            assert micro.prompt_ids.shape[1] == max(len(prompts[i]) for i in idx)
+            assert micro.response_ids.shape[1] == max(len(responses[i]) for i in idx)
             part = score(model, micro)[0]
-            lo = micro.start - packed.start
             mask = micro.response_mask.bool()
-            assert torch.allclose(part[mask], full[idx, lo:lo + part.shape[1]][mask], atol=1e-5)
+            assert torch.allclose(part[mask], full[idx, :part.shape[1]][mask], atol=1e-5)
+
+
+def _group_batch(tok, seed=0):
+    """Three prompts with three to four responses each, of mixed lengths."""
+    g = torch.Generator().manual_seed(seed)
+    prompts, responses = [], []
+    for plen, k in ((5, 3), (9, 4), (3, 4)):
+        prompt = torch.randint(3, 17, (plen,), generator=g).tolist()
+        for _ in range(k):
+            n = int(torch.randint(1, 9, (1,), generator=g))
+            prompts.append(prompt)
+            responses.append(torch.randint(3, 17, (n,), generator=g).tolist())
+    return pack(prompts, responses, tok.pad_token_id)
+
+
+def test_shared_prompt_pass_equals_one_full_pass_per_row(micro_policy):
+    """Reusing a prompt's keys/values for its K rows gives the same log-probs, entropy and gradients."""
+    model, tok = micro_policy
+    packed = _group_batch(tok)
+    assert packed.prompt_ids.shape[0] == 3 and packed.num_rows == 11
+    results = []
+    for share in (True, False):
+        model.zero_grad(set_to_none=True)
+        logp, ent = score(model, packed, Dist(0.9, 0.95, 0), with_entropy=True, share_prompts=share)
+        (logp * packed.response_mask * torch.linspace(-1, 1, packed.num_rows)[:, None]).sum().backward()
+        results.append((logp.detach(), ent, [p.grad.clone() for p in model.parameters()]))
+    (la, ea, ga), (lb, eb, gb) = results
+    assert torch.allclose(la, lb, atol=1e-5) and torch.allclose(ea, eb, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ga, gb))
 
 
 def test_micro_batch_plan_respects_rows_and_token_budget():
@@ -199,3 +228,16 @@ def test_micro_batch_plan_respects_rows_and_token_budget():
         assert len(mb) <= 3 and len(mb) * max(lengths[i] for i in mb) <= 80
     assert plan_micro_batches(lengths) == [sorted(range(8), key=lambda i: (-lengths[i], i))]
     assert plan_micro_batches([100, 3], max_tokens=10) == [[0], [1]]  # too long: alone
+
+
+def test_micro_batch_plan_keeps_groups_together_and_counts_shared_prompts():
+    lengths = [4, 6, 5, 2, 3, 8, 1, 1]
+    groups = [0, 0, 0, 1, 1, 2, 2, 2]
+    prompts = [10, 10, 10, 3, 3, 20, 20, 20]
+    plan = plan_micro_batches(lengths, max_tokens=40, groups=groups, prompt_lengths=prompts)
+    assert sorted(i for mb in plan for i in mb) == list(range(8))
+    for mb in plan:
+        cost = len({groups[i] for i in mb}) * max(prompts[i] for i in mb) + len(mb) * max(lengths[i] for i in mb)
+        assert cost <= 40 or len(mb) == 1
+    # Group 0 (3 rows of <= 6 tokens after a 10-token prompt: cost 28) fits whole.
+    assert any(sorted(mb) == [0, 1, 2] for mb in plan)

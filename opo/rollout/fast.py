@@ -14,11 +14,9 @@ The model runs in whatever mode the trainer keeps it in (dropout is off at load,
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 
+from opo.models import cache_kwarg
 from opo.rollout.base import RolloutBatch, SamplingParams, pad_left, prompt_chunks
 from opo.sampling import sample
 
@@ -54,7 +52,7 @@ class FastEngine:
     def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
         """Last-position logits [B, V] of one forward pass that extends `cache`."""
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1, **{_cache_kwarg(self.model): cache})
+                         use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): cache})
         return out.logits[:, -1]
 
     def _sample(self, prompts: list[list[int]], params: SamplingParams):
@@ -105,12 +103,3 @@ class FastEngine:
         reasons = ["stop" if row[-1] in eos_set else "length" for row in responses]
         return responses, reasons, logprobs
 
-
-@functools.lru_cache(maxsize=None)
-def _cache_kwarg_for(cls: type) -> str:
-    # transformers renamed `past_key_values` to `cache` (5.x); accept either generation.
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-
-def _cache_kwarg(model) -> str:
-    return _cache_kwarg_for(type(model))
