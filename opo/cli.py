@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from opo.config import ConfigError, field_docs, list_presets, load_config
+from opo.config import ConfigError, allowed_values, field_docs, list_presets, load_config
 
 USAGE_ERRORS = (ConfigError, ValueError, FileNotFoundError)
 
@@ -104,7 +104,7 @@ def cmd_toy_base(args) -> int:
 def cmd_config(args) -> int:
     if args.fields:
         for key, text, default in field_docs():
-            print(f"{key} = {default!r}\n    {text}")
+            print(f"{key} = {default!r}    [{allowed_values(key)}]\n    {text}")
         return 0
     from opo.config import dump_yaml
 
@@ -112,8 +112,18 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("opo")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opo", description="On-policy RL with the optimal reward baseline.")
+    parser.add_argument("--version", action="version", version=f"opo {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a policy (default: the built-in tiny preset)")

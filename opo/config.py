@@ -392,6 +392,15 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def allowed_values(key: str) -> str:
+    """What a leaf key accepts, in words: the choices of a Literal field, else its type."""
+    obj: Any = Config()
+    *sections, name = key.split(".")
+    for section in sections:
+        obj = getattr(obj, section)
+    return _describe(typing.get_type_hints(type(obj))[name])
+
+
 def field_docs(obj: Any = None, prefix: str = "") -> list[tuple[str, str, Any]]:
     """(dotted key, documentation, default) for every leaf field."""
     obj = Config() if obj is None else obj
@@ -406,4 +415,4 @@ def field_docs(obj: Any = None, prefix: str = "") -> list[tuple[str, str, Any]]:
 
 
 __all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "from_dict", "to_dict", "dump_yaml",
-           "field_docs", "list_presets", "validate"]
+           "field_docs", "allowed_values", "list_presets", "validate"]

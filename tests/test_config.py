@@ -102,3 +102,15 @@ def test_fuzzed_overrides_give_a_config_or_a_config_error(pairs):
 def test_negative_sizes_and_counts_are_config_errors(key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("tiny", [f"{key}=-1"])
+
+
+def test_fields_list_allowed_values_and_version(capsys):
+    from opo.cli import main
+
+    assert main(["config", "--fields"]) == 0
+    out = capsys.readouterr().out
+    assert "optim.schedule = 'constant'    [one of 'constant', 'cosine', 'linear']" in out
+    assert "model.dtype" in out and "'bfloat16'" in out and "algo.loss_agg" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("opo ")
