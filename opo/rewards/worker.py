@@ -1,4 +1,4 @@
-"""Worker process for `opo.rewards.IsolatedPool`; run as ``python -m opo._reward_worker FD``.
+"""Worker process for `opo.rewards.IsolatedPool`; run as ``python -m opo.rewards.worker FD``.
 
 It is started as a fresh interpreter (not through multiprocessing's spawn), so it never
 re-imports the user's ``__main__`` script: no torch import per worker, and no
@@ -9,8 +9,9 @@ Protocol, one JSON document per message over the socket inherited as FD:
   worker -> parent  {"ready": true} | {"ready": false, "error": "..."}
   parent -> worker  {"fn": "module:function", "args": [...]}   one per call
   worker -> parent  {"value": ...} | {"error": "..."}
-The worker exits when the parent closes its end. This module imports only the
-standard library so that start-up stays cheap.
+The worker exits when the parent closes its end. This module, and the `opo.rewards`
+package that Python imports before it, use only the standard library at import time, so
+start-up stays cheap.
 """
 
 from __future__ import annotations

@@ -1,0 +1,178 @@
+"""Built-in reward kinds and the registry that names them.
+
+A reward function has the signature ``f(prompt: str, response: str, example: dict) -> float``,
+where ``example`` is ``{"question": str, "answer": str, "meta": dict}``. Built-in kinds live in
+`REWARDS`; a user function is named by an importable ``"module:function"`` string.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import threading
+from typing import Any, Callable
+
+from opo.rewards.extract import _as_number, _final_answer_for, _normalise, extract_final_answer
+from opo.rewards.pool import IsolatedPool
+
+RewardFn = Callable[[str, str, dict], Any]
+
+
+def exact_match(prompt: str, response: str, example: dict) -> float:
+    """1.0 if the final answer equals ``example["answer"]`` after normalisation, else 0.0.
+
+    Normalisation strips spaces, a trailing "." and thousands commas; two numbers compare by
+    value ("5.0" equals "5", "0.5" equals "1/2").
+    """
+    gold = _normalise(str(example["answer"]))
+    answer = _final_answer_for(response, gold)
+    if answer is None:
+        return 0.0
+    answer = _normalise(answer)
+    a, b = _as_number(answer), _as_number(gold)
+    if a is not None and b is not None:
+        return float(a == b)
+    return float(answer == gold and gold != "")
+
+
+def format_reward(prompt: str, response: str, example: dict) -> float:
+    """1.0 if a final answer can be extracted (as `exact_match` would look for it), else 0.0."""
+    return float(_final_answer_for(response, str(example.get("answer", ""))) is not None)
+
+
+@functools.lru_cache(maxsize=1)
+def _math_verify():
+    import logging
+
+    import math_verify
+
+    # We disable its signal-based timeouts (they need the main thread) and enforce our own;
+    # it warns about that once per process, which would repeat at every worker start.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    configs = [math_verify.LatexExtractionConfig(), math_verify.ExprExtractionConfig()]
+    return math_verify, configs
+
+
+def _as_latex(text: str) -> str:
+    # Bare strings such as "\frac12" are not extracted unless they sit in math delimiters.
+    return text if "$" in text or "\\boxed" in text else f"${text}$"
+
+
+def _math_check(response_text: str, gold_answer: str) -> float:
+    """The unguarded check behind `math_equivalent`; run it only where it can be killed."""
+    answer = extract_final_answer(response_text, "last_number")
+    if answer is None:
+        return 0.0
+    mv, configs = _math_verify()
+    gold = mv.parse(_as_latex(gold_answer), extraction_config=configs, parsing_timeout=None)
+    # parse() keeps the raw string next to the sympy value; a gold answer that produced no
+    # sympy value at all ("???", "") is unparseable and must never verify as correct.
+    if not any(not isinstance(g, str) for g in gold):
+        return 0.0
+    pred = mv.parse(_as_latex(answer), extraction_config=configs, parsing_timeout=None)
+    if not pred:
+        return 0.0
+    return float(bool(mv.verify(gold, pred, timeout_seconds=None)))
+
+
+def math_verify_reward(prompt: str, response: str, example: dict) -> float:
+    """Reward kind "math_verify": `math_equivalent` of the response and ``example["answer"]``.
+
+    It runs the check directly: the scorer isolates this kind in worker processes.
+    """
+    return _math_check(response, str(example["answer"]))
+
+
+@functools.lru_cache(maxsize=None)
+def _rg_scorer(task: str):
+    import reasoning_gym
+
+    return reasoning_gym.get_score_answer_fn(task)
+
+
+def _rg_meta(example: dict) -> tuple[str, dict]:
+    meta = example.get("meta") or {}
+    if "rg_task" not in meta or "rg_entry" not in meta:
+        raise ValueError("reward kind 'reasoning_gym' needs example['meta']['rg_task'] and "
+                         "example['meta']['rg_entry'] (use reasoning-gym data)")
+    return meta["rg_task"], meta["rg_entry"]
+
+
+def reasoning_gym_reward(prompt: str, response: str, example: dict) -> float:
+    """Reward kind "reasoning_gym": the task's own scorer on the extracted final answer.
+
+    The answer passed is the last box; else, for a numeric gold answer, the last number; else
+    the text after the last "answer:"/"####"/"=" marker; else the last non-empty line.
+    """
+    task, entry = _rg_meta(example)
+    answer = _final_answer_for(response, str(entry.get("answer", "")))
+    if answer is None:
+        lines = [line.strip() for line in response[-10_000:].splitlines() if line.strip()]
+        answer = lines[-1] if lines else ""
+    return _rg_scorer(task)(answer=answer, entry=entry)
+
+
+REWARDS: dict[str, RewardFn] = {
+    "exact_match": exact_match,
+    "math_verify": math_verify_reward,
+    "reasoning_gym": reasoning_gym_reward,
+}
+# Kinds cheap and safe enough to run in the trainer process under isolate="auto". Kinds not
+# listed here (math_verify, new registrations, user functions) run in worker processes.
+IN_PROCESS_KINDS = {"exact_match", "reasoning_gym"}
+# Modules a worker imports at start-up so the slow import is not charged to a call's deadline.
+_PRELOAD = {"math_verify": ["math_verify"]}
+
+
+def load_user_reward(spec: str) -> RewardFn:
+    """Import a user reward function named ``"module:function"`` (dots allowed after the colon)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward {spec!r}: expected 'module:function'")
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r}: "
+                         f"{type(exc).__name__}: {exc}") from exc
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ValueError(f"reward {spec!r}: module {module_name!r} has no attribute "
+                             f"{attr!r}") from None
+    if not callable(obj):
+        raise ValueError(f"reward {spec!r}: {attr!r} is a {type(obj).__name__}, not a function")
+    return obj
+
+
+# --------------------------------------------------------------------------- math_equivalent
+
+_shared_pool: IsolatedPool | None = None
+_shared_pool_lock = threading.Lock()
+
+
+def _get_shared_pool() -> IsolatedPool:
+    global _shared_pool
+    with _shared_pool_lock:
+        if _shared_pool is None:
+            _shared_pool = IsolatedPool(workers=2, timeout_s=5.0, preload=["math_verify"])
+        return _shared_pool
+
+
+def math_equivalent(response_text: str, gold_answer: str, timeout_s: float = 5.0) -> float:
+    """1.0 if the response's final answer is mathematically equal to `gold_answer`, else 0.0.
+
+    The final answer is the last ``\\boxed{}``, else the last number. The check runs in a shared
+    worker process with a hard `timeout_s`; a timeout, an error or an unparseable gold answer
+    gives 0.0. Safe to call from any thread (calls take turns on the shared pool).
+    """
+    if os.environ.get("OPO_IN_REWARD_WORKER"):
+        # Already inside a killable worker (a user reward calling us): no nested pool.
+        try:
+            return _math_check(response_text, gold_answer)
+        except Exception:
+            return 0.0
+    outcome = _get_shared_pool().map("opo.rewards.kinds:_math_check", [(response_text, gold_answer)],
+                                     timeout_s=timeout_s)[0]
+    return 1.0 if outcome.ok and outcome.value == 1.0 else 0.0
