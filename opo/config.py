@@ -113,9 +113,11 @@ class OptimConfig:
 
 @dataclass
 class RewardConfig:
-    kind: str = doc("`exact_match` (last number or text after the answer marker), `math_verify`, "
-                    "`reasoning_gym` (the task's own scorer), or `module:function` for a user "
-                    "function f(prompt, response, example) -> float.", "exact_match")
+    kind: str = doc("`exact_match` (the answer compared as text or number), `math_verify` "
+                    "(mathematical equivalence), `reasoning_gym` (the task's own scorer), or "
+                    "`module:function` for a user function f(prompt, response, example) -> float; "
+                    "the module is looked for in the current directory, then on sys.path.",
+                    "exact_match")
     format_weight: float = doc("Weight of a format reward (1 when a final answer could be "
                                "extracted); 0 disables it.", 0.0)
     timeout_s: float = doc("Hard time limit per reward check, in seconds (isolated rewards).", 5.0)
@@ -123,6 +125,19 @@ class RewardConfig:
     isolate: Literal["auto", "always", "never"] = doc(
         "Run checks in killable worker processes. `auto` isolates math_verify and user "
         "functions and runs the built-in string checks in-process.", "auto")
+    partial_credit: bool = doc(
+        "Keep fractional scores (reasoning-gym's scorers give e.g. 0.5 for '17' when the "
+        "answer is 7). false makes every reward 1 (a full score) or 0, so reward and accuracy "
+        "agree.", False)
+    answer_format: Literal["auto", "boxed", "last_number"] = doc(
+        "Which answers count (exact_match, math_verify, reasoning_gym). `boxed`: only the last "
+        "\\boxed{}. `last_number`: the last box, else the last number (or, for a non-numeric "
+        "gold answer, the text after the last 'Answer:'), anywhere in the response. `auto`: the "
+        "last box; an unboxed answer only in a response of at most 200 characters that did not "
+        "hit the token limit.", "auto")
+    truncated: Literal["score", "zero"] = doc(
+        "A response that hit the token limit: `score` scores it like any other, `zero` gives it "
+        "reward 0 (DAPO-style overlong filtering).", "score")
 
 
 @dataclass

@@ -36,7 +36,8 @@ def evaluate(engine, tokenizer, examples: list[dict], scorer, prompt_cfg: Prompt
         texts, ids = encode_prompts(tokenizer, [ex["question"] for ex in part], prompt_cfg)
         batch = engine.generate(ids, params)
         result = scorer.score([texts[g] for g in batch.group_ids], batch.texts,
-                              [part[g] for g in batch.group_ids])
+                              [part[g] for g in batch.group_ids],
+                              truncated=[reason == "length" for reason in batch.finish_reasons])
         errors += result.errors
         total_len += sum(batch.lengths)
         for g in range(len(part)):

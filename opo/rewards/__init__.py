@@ -16,14 +16,17 @@ Every module of this package imports only the standard library at import time (m
 and reasoning_gym are imported on first use), so a worker process starts quickly.
 """
 
-from opo.rewards.extract import extract_boxed, extract_final_answer
-from opo.rewards.kinds import (IN_PROCESS_KINDS, REWARDS, exact_match, format_reward, load_user_reward,
-                               math_equivalent, math_verify_reward, reasoning_gym_reward)
+from opo.rewards.extract import (ANSWER_FORMATS, AUTO_BARE_MAX_CHARS, bare_answer_allowed, committed_answer,
+                                 extract_boxed, extract_final_answer, normalise_answer)
+from opo.rewards.kinds import (ANSWERS, IN_PROCESS_KINDS, REWARDS, answer_for, exact_match, format_reward,
+                               load_user_reward, math_equivalent, math_verify_reward, reasoning_gym_reward)
 from opo.rewards.pool import IsolatedPool, Outcome
-from opo.rewards.scorer import RewardResult, RewardScorer
+from opo.rewards.scorer import TRUNCATED_POLICIES, RewardResult, RewardScorer
 
 __all__ = [
     "extract_boxed", "extract_final_answer", "exact_match", "format_reward", "math_equivalent",
     "math_verify_reward", "reasoning_gym_reward", "load_user_reward", "Outcome", "IsolatedPool",
-    "RewardResult", "RewardScorer", "REWARDS", "IN_PROCESS_KINDS",
+    "RewardResult", "RewardScorer", "REWARDS", "IN_PROCESS_KINDS", "ANSWERS", "answer_for",
+    "ANSWER_FORMATS", "AUTO_BARE_MAX_CHARS", "TRUNCATED_POLICIES", "bare_answer_allowed",
+    "committed_answer", "normalise_answer",
 ]

@@ -101,15 +101,56 @@ def _as_number(text: str) -> Fraction | None:
         return None
 
 
-def _normalise(text: str) -> str:
+def normalise_answer(text: str) -> str:
+    """An answer as compared and counted: no whitespace, no trailing ".", no thousands commas."""
     text = "".join(text.split()).rstrip(".")
     if _THOUSANDS.fullmatch(text):
         text = text.replace(",", "")
     return text
 
 
-def _final_answer_for(response: str, gold: str) -> str | None:
-    # A numeric gold answer is best found as the last number; any other answer as the text
-    # after an "Answer:" marker (a last number would never match "yes" or "(1, 2)").
-    fallback = "last_number" if _as_number(_normalise(gold)) is not None else "after_marker"
+def fallback_for(gold: str) -> str:
+    """How to find an unboxed answer to compare with `gold`.
+
+    A numeric gold answer is best found as the last number; any other answer as the text
+    after an "Answer:" marker (a last number would never match "yes" or "(1, 2)").
+    """
+    return "last_number" if _as_number(normalise_answer(gold)) is not None else "after_marker"
+
+
+# --------------------------------------------------------------------------- answer formats
+
+ANSWER_FORMATS = ("auto", "boxed", "last_number")
+# Under answer_format="auto", an unboxed answer counts only in a response of at most this many
+# characters (surrounding whitespace aside). A short reply such as "The sum is 12." states its
+# answer; in a long one the last number is as likely an intermediate step of the reasoning.
+AUTO_BARE_MAX_CHARS = 200
+
+
+def bare_answer_allowed(response: str, answer_format: str = "auto", truncated: bool = False) -> bool:
+    """Whether an answer without a box may be read from `response` under `answer_format`.
+
+    ``"last_number"``: always (the box-less fallback of `extract_final_answer`).
+    ``"boxed"``: never. ``"auto"``: only when the response was not cut off at the token limit
+    and is at most `AUTO_BARE_MAX_CHARS` characters long.
+    """
+    if answer_format == "last_number":
+        return True
+    if answer_format == "boxed":
+        return False
+    if answer_format == "auto":
+        return not truncated and len(response.strip()) <= AUTO_BARE_MAX_CHARS
+    raise ValueError(f"answer_format must be one of {', '.join(ANSWER_FORMATS)}, not {answer_format!r}")
+
+
+def committed_answer(response: str, fallback: str, answer_format: str = "auto",
+                     truncated: bool = False) -> str | None:
+    """The answer `response` commits to: its last non-empty box, else (where
+    `bare_answer_allowed`) what `fallback` finds (see `extract_final_answer`), else None.
+
+    A box counts even in a truncated response; ``reward.truncated=zero`` is the way to give
+    truncated responses nothing.
+    """
+    if not bare_answer_allowed(response, answer_format, truncated):
+        fallback = "none"
     return extract_final_answer(response, fallback)

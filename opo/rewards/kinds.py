@@ -13,32 +13,49 @@ import os
 import threading
 from typing import Any, Callable
 
-from opo.rewards.extract import _as_number, _final_answer_for, _normalise, extract_final_answer
+from opo.rewards.extract import (_as_number, bare_answer_allowed, committed_answer, fallback_for,
+                                 normalise_answer)
 from opo.rewards.pool import IsolatedPool
 
 RewardFn = Callable[[str, str, dict], Any]
 
 
-def exact_match(prompt: str, response: str, example: dict) -> float:
+# Every built-in kind takes two keyword options, which the scorer fills from the config:
+#   answer_format  "auto" | "boxed" | "last_number": which answers count (opo.rewards.extract)
+#   truncated      whether the response hit the token limit (unknown: False)
+# A user function receives them too when its signature names them.
+
+
+def exact_match_answer(response: str, example: dict, answer_format: str = "auto",
+                       truncated: bool = False) -> str | None:
+    """The answer `exact_match` compares: the last box; else, where the answer format allows a
+    bare answer, the last number (numeric gold) or the text after the last answer marker."""
+    gold = str(example.get("answer", ""))
+    return committed_answer(response, fallback_for(gold), answer_format, truncated)
+
+
+def exact_match(prompt: str, response: str, example: dict, *, answer_format: str = "auto",
+                truncated: bool = False) -> float:
     """1.0 if the final answer equals ``example["answer"]`` after normalisation, else 0.0.
 
     Normalisation strips spaces, a trailing "." and thousands commas; two numbers compare by
     value ("5.0" equals "5", "0.5" equals "1/2").
     """
-    gold = _normalise(str(example["answer"]))
-    answer = _final_answer_for(response, gold)
+    gold = normalise_answer(str(example["answer"]))
+    answer = exact_match_answer(response, example, answer_format, truncated)
     if answer is None:
         return 0.0
-    answer = _normalise(answer)
+    answer = normalise_answer(answer)
     a, b = _as_number(answer), _as_number(gold)
     if a is not None and b is not None:
         return float(a == b)
     return float(answer == gold and gold != "")
 
 
-def format_reward(prompt: str, response: str, example: dict) -> float:
+def format_reward(prompt: str, response: str, example: dict, *, answer_format: str = "auto",
+                  truncated: bool = False) -> float:
     """1.0 if a final answer can be extracted (as `exact_match` would look for it), else 0.0."""
-    return float(_final_answer_for(response, str(example.get("answer", ""))) is not None)
+    return float(exact_match_answer(response, example, answer_format, truncated) is not None)
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,9 +76,17 @@ def _as_latex(text: str) -> str:
     return text if "$" in text or "\\boxed" in text else f"${text}$"
 
 
-def _math_check(response_text: str, gold_answer: str) -> float:
+def math_verify_answer(response: str, example: dict, answer_format: str = "auto",
+                       truncated: bool = False) -> str | None:
+    """The answer `math_verify` checks: the last box; else, where the answer format allows a
+    bare answer, the last number."""
+    return committed_answer(response, "last_number", answer_format, truncated)
+
+
+def _math_check(response_text: str, gold_answer: str, answer_format: str = "last_number",
+                truncated: bool = False) -> float:
     """The unguarded check behind `math_equivalent`; run it only where it can be killed."""
-    answer = extract_final_answer(response_text, "last_number")
+    answer = committed_answer(response_text, "last_number", answer_format, truncated)
     if answer is None:
         return 0.0
     mv, configs = _math_verify()
@@ -76,12 +101,14 @@ def _math_check(response_text: str, gold_answer: str) -> float:
     return float(bool(mv.verify(gold, pred, timeout_seconds=None)))
 
 
-def math_verify_reward(prompt: str, response: str, example: dict) -> float:
-    """Reward kind "math_verify": `math_equivalent` of the response and ``example["answer"]``.
+def math_verify_reward(prompt: str, response: str, example: dict, *, answer_format: str = "auto",
+                       truncated: bool = False) -> float:
+    """Reward kind "math_verify": is `math_verify_answer` mathematically equal to
+    ``example["answer"]``?
 
     It runs the check directly: the scorer isolates this kind in worker processes.
     """
-    return _math_check(response, str(example["answer"]))
+    return _math_check(response, str(example["answer"]), answer_format, truncated)
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,18 +126,29 @@ def _rg_meta(example: dict) -> tuple[str, dict]:
     return meta["rg_task"], meta["rg_entry"]
 
 
-def reasoning_gym_reward(prompt: str, response: str, example: dict) -> float:
-    """Reward kind "reasoning_gym": the task's own scorer on the extracted final answer.
+def reasoning_gym_answer(response: str, example: dict, answer_format: str = "auto",
+                         truncated: bool = False) -> str | None:
+    """The answer passed to the task's scorer: the last box; else, where the answer format
+    allows a bare answer, the last number (numeric gold) or the text after the last answer
+    marker, else the last non-empty line; else None."""
+    gold = str(((example.get("meta") or {}).get("rg_entry") or {}).get("answer", ""))
+    answer = committed_answer(response, fallback_for(gold), answer_format, truncated)
+    if answer is None and bare_answer_allowed(response, answer_format, truncated):
+        lines = [line.strip() for line in response[-10_000:].splitlines() if line.strip()]
+        answer = lines[-1] if lines else None
+    return answer
 
-    The answer passed is the last box; else, for a numeric gold answer, the last number; else
-    the text after the last "answer:"/"####"/"=" marker; else the last non-empty line.
+
+def reasoning_gym_reward(prompt: str, response: str, example: dict, *,
+                         answer_format: str = "auto", truncated: bool = False) -> float:
+    """Reward kind "reasoning_gym": the task's own scorer on `reasoning_gym_answer`.
+
+    Some tasks' scorers give partial credit (0.5 for "17" when the answer is 7, say); the
+    scorer keeps or binarises it according to ``reward.partial_credit``.
     """
     task, entry = _rg_meta(example)
-    answer = _final_answer_for(response, str(entry.get("answer", "")))
-    if answer is None:
-        lines = [line.strip() for line in response[-10_000:].splitlines() if line.strip()]
-        answer = lines[-1] if lines else ""
-    return _rg_scorer(task)(answer=answer, entry=entry)
+    answer = reasoning_gym_answer(response, example, answer_format, truncated)
+    return _rg_scorer(task)(answer=answer or "", entry=entry)  # no task accepts ""
 
 
 REWARDS: dict[str, RewardFn] = {
@@ -118,11 +156,25 @@ REWARDS: dict[str, RewardFn] = {
     "math_verify": math_verify_reward,
     "reasoning_gym": reasoning_gym_reward,
 }
+# The answer each kind reads from a response, (response, example, answer_format, truncated)
+# -> str | None. The evaluation shows it and majority votes count it. Kinds not listed
+# (user functions) are shown the answer exact_match would read.
+ANSWERS: dict[str, Callable[..., str | None]] = {
+    "exact_match": exact_match_answer,
+    "math_verify": math_verify_answer,
+    "reasoning_gym": reasoning_gym_answer,
+}
 # Kinds cheap and safe enough to run in the trainer process under isolate="auto". Kinds not
 # listed here (math_verify, new registrations, user functions) run in worker processes.
 IN_PROCESS_KINDS = {"exact_match", "reasoning_gym"}
 # Modules a worker imports at start-up so the slow import is not charged to a call's deadline.
 _PRELOAD = {"math_verify": ["math_verify"]}
+
+
+def answer_for(kind: str, response: str, example: dict, answer_format: str = "auto",
+               truncated: bool = False) -> str | None:
+    """The answer reward `kind` reads from `response` (for display and majority votes)."""
+    return ANSWERS.get(kind, exact_match_answer)(response, example, answer_format, truncated)
 
 
 def load_user_reward(spec: str) -> RewardFn:

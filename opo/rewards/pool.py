@@ -98,11 +98,17 @@ class IsolatedPool:
         self._closed = False
         _live_pools.add(self)
 
-    def map(self, fn_ref: str, calls: list[tuple], timeout_s: float | None = None) -> list[Outcome]:
-        """Run ``fn(*args)`` for each args tuple in `calls`, in parallel; outcomes in order."""
+    def map(self, fn_ref: str, calls: list[tuple], timeout_s: float | None = None,
+            kwargs: list[dict] | None = None) -> list[Outcome]:
+        """Run ``fn(*args, **kw)`` for each args tuple in `calls` (and, when given, the matching
+        dict of `kwargs`), in parallel; outcomes in order."""
         timeout = self.timeout_s if timeout_s is None else float(timeout_s)
+        if kwargs is not None and len(kwargs) != len(calls):
+            raise ValueError(f"got {len(calls)} calls but {len(kwargs)} keyword dicts")
         try:
-            requests = [json.dumps({"fn": fn_ref, "args": list(args)}).encode() for args in calls]
+            requests = [json.dumps({"fn": fn_ref, "args": list(args),
+                                    "kwargs": kwargs[i] if kwargs is not None else {}}).encode()
+                        for i, args in enumerate(calls)]
         except (TypeError, ValueError) as exc:
             raise TypeError(f"arguments for {fn_ref} must be JSON-serialisable: {exc}") from exc
         with self._lock:
