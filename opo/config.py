@@ -53,7 +53,10 @@ class DataConfig:
                             "fields, or toy_addition's min_digits/max_digits).", factory=dict)
     train_size: int = doc("Number of training problems generated (procedural sources) or kept "
                           "(files; 0 = all that remain after the held-out split).", 20000)
-    eval_size: int = doc("Number of held-out problems, split off deterministically.", 200)
+    eval_size: int = doc("Number of held-out problems, split off deterministically. 0 = auto: 200, "
+                         "but for a file or CHAMP at most 10% of its rows (the start-up line says "
+                         "when that cap applied), and for a saved DatasetDict with a test split "
+                         "up to 200 of the test rows.", 0)
     seed: int = doc("Seed for generating and splitting the data.", 1234)
     question_field: str = doc("Field holding the question in file sources.", "question")
     answer_field: str = doc("Field holding the gold answer in file sources.", "answer")
@@ -155,8 +158,13 @@ class TrainerConfig:
 class EvalConfig:
     samples: int = doc("Samples per held-out problem; 1 with temperature 0 is greedy accuracy.", 1)
     temperature: float = doc("Sampling temperature for evaluation; 0 is greedy.", 0.0)
-    k: list = doc("pass@k values reported (each <= samples).", factory=lambda: [1])
-    batch_size: int = doc("Sequences generated at once in evaluation.", 256)
+    top_p: float = doc("Nucleus sampling threshold for evaluation; 1.0 disables it.", 1.0)
+    k: list = doc("pass@k and maj@k values reported (each <= samples).", factory=lambda: [1])
+    batch_size: int = doc("Problems generated at once in evaluation; 0 = all at once.", 256)
+    max_new_tokens: int = doc("Response length limit in evaluation. 0 = in `opo train`, "
+                              "rollout.max_new_tokens (evaluate what is trained); in `opo eval`, "
+                              "the data source's default: 256 (reasoning-gym; toy_addition with a "
+                              "chat model), 512 (CHAMP, files), 32 (toy_addition, plain prompts).", 0)
 
 
 @dataclass
@@ -346,13 +354,57 @@ def validate(cfg: Config) -> None:
     need(cfg.checkpoint.every >= 0, "checkpoint.every", "use an integer >= 0 (0 = final only)",
          cfg.checkpoint.every)
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "use an integer >= 1", cfg.checkpoint.keep)
-    need(cfg.data.eval_size >= 1, "data.eval_size", "use an integer >= 1", cfg.data.eval_size)
     need(cfg.eval.samples >= 1, "eval.samples", "use an integer >= 1", cfg.eval.samples)
     for k in cfg.eval.k:
         need(isinstance(k, int) and 1 <= k <= cfg.eval.samples, "eval.k",
              f"use integers between 1 and eval.samples ({cfg.eval.samples})", cfg.eval.k)
     need(cfg.reward.timeout_s > 0, "reward.timeout_s", "use a number > 0", cfg.reward.timeout_s)
     need(cfg.reward.workers >= 1, "reward.workers", "use an integer >= 1", cfg.reward.workers)
+    _validate_data_reward_eval(cfg, need)
+
+
+# ----- data, reward and evaluation checks (kept together; they may import opo.data / opo.rewards)
+
+def _validate_data_reward_eval(cfg: Config, need) -> None:
+    """Checks of data.*, reward.* and eval.* that must fail before any model loads."""
+    need(cfg.data.eval_size >= 0, "data.eval_size", "use an integer >= 0 (0 = auto)",
+         cfg.data.eval_size)
+    need(cfg.data.train_size >= 0, "data.train_size", "use an integer >= 0", cfg.data.train_size)
+    need(cfg.eval.batch_size >= 0, "eval.batch_size", "use an integer >= 0 (0 = all at once)",
+         cfg.eval.batch_size)
+    need(cfg.eval.max_new_tokens >= 0, "eval.max_new_tokens", "use an integer >= 0 (0 = a default)",
+         cfg.eval.max_new_tokens)
+    need(cfg.eval.temperature >= 0, "eval.temperature", "use a number >= 0 (0 = greedy)",
+         cfg.eval.temperature)
+    need(0 < cfg.eval.top_p <= 1, "eval.top_p", "use a number in (0, 1]", cfg.eval.top_p)
+    _check_reward_kind(cfg.reward.kind)
+    _check_data_source(cfg.data)
+
+
+def _check_reward_kind(kind: str) -> None:
+    from opo.rewards import REWARDS, load_user_reward
+
+    if ":" in kind:
+        try:
+            load_user_reward(kind)  # imports the module now, before any model loads
+        except ValueError as exc:
+            raise ConfigError(f"reward.kind: {exc}") from None
+    elif kind not in REWARDS:
+        close = difflib.get_close_matches(kind, sorted(REWARDS), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"reward.kind: {kind!r} is not a reward kind; {hint}use one of "
+                          + ", ".join(sorted(REWARDS)) + ", or module:function for your own")
+
+
+def _check_data_source(data: DataConfig) -> None:
+    from opo.data import SOURCES, DataError, check_task, unknown_source_message
+
+    if data.source not in SOURCES and not Path(data.source).expanduser().exists():
+        raise ConfigError(unknown_source_message(data.source))
+    try:
+        check_task(data)  # a reasoning-gym task name (imports reasoning_gym, a few seconds)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def to_dict(cfg: Config) -> dict:

@@ -11,11 +11,14 @@ always JSON-serialisable. Adding a source is one function ``f(cfg) -> (train, he
 plus ``@source("name")``.
 """
 
-from opo.data.base import DataError, Example, derive_seed
+from opo.data.base import AUTO_EVAL_FRACTION, DEFAULT_EVAL_SIZE, DataError, Example, Split, derive_seed, held_out_size
 from opo.data.files import FILE_FORMATS
-from opo.data.prompts import encode_prompts, format_prompt
+from opo.data.prompts import encode_prompts, format_prompt, uses_chat_template
 from opo.data.sampler import PromptSampler
-from opo.data.sources import SOURCES, load_examples, source
+from opo.data.sources import (SOURCE_DEFAULTS, SOURCES, SourceDefaults, check_task, load_examples, load_split, source,
+                              source_defaults, unknown_source_message)
 
-__all__ = ["DataError", "Example", "SOURCES", "FILE_FORMATS", "source", "load_examples", "derive_seed",
-           "format_prompt", "encode_prompts", "PromptSampler"]
+__all__ = ["DataError", "Example", "Split", "SOURCES", "SOURCE_DEFAULTS", "SourceDefaults", "FILE_FORMATS",
+           "DEFAULT_EVAL_SIZE", "AUTO_EVAL_FRACTION", "source", "source_defaults", "load_examples", "load_split",
+           "held_out_size", "unknown_source_message", "check_task", "derive_seed", "format_prompt", "encode_prompts",
+           "uses_chat_template", "PromptSampler"]

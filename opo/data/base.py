@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -23,6 +24,45 @@ class DataError(ValueError):
 
 
 Example = dict  # {"question": str, "answer": str, "meta": dict}
+
+
+@dataclass
+class Split:
+    """Training and held-out examples, and a note when the held-out size was chosen for you."""
+
+    train: list[Example]
+    held_out: list[Example]
+    note: str = ""  # e.g. why a small file's held-out split is smaller than 200
+
+    def summary(self) -> str:
+        """One line for the log: the two sizes, and the note if any."""
+        line = f"data: {len(self.train)} training and {len(self.held_out)} held-out problems"
+        return f"{line} ({self.note})" if self.note else line
+
+
+# data.eval_size=0 ("auto"): generated sources hold out DEFAULT_EVAL_SIZE problems; a fixed
+# set of rows (a file, CHAMP) at most AUTO_EVAL_FRACTION of them, so a small file is not
+# swallowed by its held-out split (300 rows would otherwise leave 100 for training).
+DEFAULT_EVAL_SIZE = 200
+AUTO_EVAL_FRACTION = 0.1
+
+
+def held_out_size(cfg: DataConfig, n_rows: int | None = None) -> tuple[int, str]:
+    """(held-out size, note) for a source of `n_rows` rows (None: generated on demand).
+
+    A positive data.eval_size is used as given. 0 means auto: DEFAULT_EVAL_SIZE, but for a
+    fixed set of rows at most AUTO_EVAL_FRACTION of them (and at least 1); the note then
+    says so.
+    """
+    if cfg.eval_size > 0:
+        return cfg.eval_size, ""
+    if n_rows is None:
+        return DEFAULT_EVAL_SIZE, ""
+    size = max(1, min(DEFAULT_EVAL_SIZE, int(n_rows * AUTO_EVAL_FRACTION)))
+    if size == DEFAULT_EVAL_SIZE:
+        return size, ""
+    return size, (f"data.eval_size=0 (auto) held out {AUTO_EVAL_FRACTION:.0%} of the {n_rows} rows, "
+                  f"not {DEFAULT_EVAL_SIZE}; set data.eval_size to choose")
 
 # --------------------------------------------------------------------------- helpers
 
@@ -68,19 +108,20 @@ def _to_jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _split(examples: list[Example], cfg: DataConfig, what: str) -> tuple[list[Example], list[Example]]:
-    """Shuffle deterministically, split off eval_size held-out, cap train at train_size."""
+def _split(examples: list[Example], cfg: DataConfig, what: str) -> Split:
+    """Shuffle deterministically, split off the held-out set, cap train at train_size."""
     if not examples:
         raise DataError(f"{what} has no rows")
-    if len(examples) <= cfg.eval_size:
-        raise DataError(f"{what} has {len(examples)} examples, but data.eval_size={cfg.eval_size} "
+    size, note = held_out_size(cfg, len(examples))
+    if len(examples) <= size:
+        raise DataError(f"{what} has {len(examples)} examples, but data.eval_size={size} "
                         f"held-out ones plus at least one for training are needed; "
                         f"lower data.eval_size")
     order = _permutation(len(examples), cfg.seed)
     shuffled = [examples[i] for i in order]
-    held_out = shuffled[:cfg.eval_size]
-    train = _drop_overlap(shuffled[cfg.eval_size:], held_out)
-    return _cap(train, cfg.train_size), held_out
+    held_out = shuffled[:size]
+    train = _drop_overlap(shuffled[size:], held_out)
+    return Split(_cap(train, cfg.train_size), held_out, note)
 
 
 def _cap(train: list[Example], train_size: int) -> list[Example]:

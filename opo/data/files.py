@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from opo.config import DataConfig
-from opo.data.base import (DataError, Example, _cap, _drop_overlap, _permutation, _split, _to_jsonable,
-                           derive_seed)
+from opo.data.base import (DEFAULT_EVAL_SIZE, DataError, Example, Split, _cap, _drop_overlap, _permutation,
+                           _split, _to_jsonable, derive_seed)
 
 FILE_FORMATS = (".jsonl", ".json", ".parquet", "a folder saved by datasets.save_to_disk")
 
 # --------------------------------------------------------------------------- files
 
 
-def load_path(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
+def load_path(cfg: DataConfig) -> Split:
     """(train, held_out) from the file or folder at ``cfg.source``, which must exist."""
     path = Path(cfg.source).expanduser()
     if path.is_dir():
@@ -166,7 +166,7 @@ def _read_saved_split(folder: Path) -> list[tuple[str, Any]]:
     return [(f"row {i}", row) for i, row in enumerate(table.to_pylist())]
 
 
-def _load_saved_dataset(folder: Path, cfg: DataConfig) -> tuple[list[Example], list[Example]]:
+def _load_saved_dataset(folder: Path, cfg: DataConfig) -> Split:
     dict_file = folder / "dataset_dict.json"
     if not dict_file.exists():
         if not (folder / "state.json").exists() and not any(folder.glob("*.arrow")):
@@ -189,12 +189,17 @@ def _load_saved_dataset(folder: Path, cfg: DataConfig) -> tuple[list[Example], l
 
 
 def _split_with_test(train_all: list[Example], test_all: list[Example], cfg: DataConfig,
-                     test_dir: Path) -> tuple[list[Example], list[Example]]:
+                     test_dir: Path) -> Split:
     """Held-out comes from the test split; train is the whole train split, shuffled."""
-    if len(test_all) < cfg.eval_size:
+    size, note = cfg.eval_size, ""
+    if size == 0:  # auto: the whole test split, up to the usual size
+        size = min(DEFAULT_EVAL_SIZE, len(test_all))
+        if size < DEFAULT_EVAL_SIZE:
+            note = f"data.eval_size=0 (auto) took the whole test split of {size} rows"
+    if not test_all or len(test_all) < size:
         raise DataError(f"{test_dir}: the test split has {len(test_all)} examples, fewer than "
-                        f"data.eval_size={cfg.eval_size}; lower data.eval_size")
+                        f"data.eval_size={size}; lower data.eval_size")
     held_order = _permutation(len(test_all), derive_seed(cfg.seed, "held_out"))
-    held_out = [test_all[i] for i in held_order[:cfg.eval_size]]
+    held_out = [test_all[i] for i in held_order[:size]]
     train = [train_all[i] for i in _permutation(len(train_all), cfg.seed)]
-    return _cap(_drop_overlap(train, held_out), cfg.train_size), held_out
+    return Split(_cap(_drop_overlap(train, held_out), cfg.train_size), held_out, note)

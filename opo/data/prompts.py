@@ -10,6 +10,11 @@ from opo.data.base import DataError
 # --------------------------------------------------------------------------- prompts
 
 
+def uses_chat_template(tokenizer: Any, cfg: PromptConfig) -> bool:
+    """Whether prompts for this tokenizer go through its chat template under `cfg`."""
+    return cfg.template == "chat" or (cfg.template == "auto" and bool(getattr(tokenizer, "chat_template", None)))
+
+
 def format_prompt(tokenizer: Any, question: str, cfg: PromptConfig) -> str:
     """The text the policy sees for `question`, ending where the response starts."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -30,8 +35,7 @@ def encode_prompts(tokenizer: Any, questions: list[str], cfg: PromptConfig) -> t
     """Prompt texts and their token ids. Chat templates already carry their own special
     tokens; plain prompts get the tokenizer's usual ones (a base model's BOS, say)."""
     texts = [format_prompt(tokenizer, q, cfg) for q in questions]
-    chat = cfg.template == "chat" or (cfg.template == "auto" and bool(getattr(tokenizer, "chat_template", None)))
-    ids = tokenizer(texts, add_special_tokens=not chat)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=not uses_chat_template(tokenizer, cfg))["input_ids"]
     return texts, [list(row) for row in ids]
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.machinery
 import os
+import sys
 import threading
 from typing import Any, Callable
 
@@ -177,16 +179,50 @@ def answer_for(kind: str, response: str, example: dict, answer_format: str = "au
     return ANSWERS.get(kind, exact_match_answer)(response, example, answer_format, truncated)
 
 
+def _import_user_module(module_name: str, spec: str):
+    """Import `module_name`, looking in the current directory first, then on sys.path.
+
+    The console script `opo` does not put the current directory on sys.path (Python puts the
+    script's own folder there), so a reward.py next to the user's config would not be found.
+    When the module's top-level name exists in the current directory, that directory goes to
+    the front of sys.path for good: reward worker processes start with this sys.path too.
+    """
+    top = module_name.partition(".")[0]
+    cwd = os.getcwd()
+    try:
+        in_cwd = importlib.machinery.PathFinder.find_spec(top, [cwd]) is not None
+    except (ImportError, ValueError):
+        in_cwd = False
+    if in_cwd and not any(os.path.abspath(p or ".") == cwd for p in sys.path):
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            shown = [p or "." for p in sys.path[:4]] + (["..."] if len(sys.path) > 4 else [])
+            raise ValueError(
+                f"reward {spec!r}: cannot import module {module_name!r}: looked for {top}.py or a "
+                f"package {top}/ in the current directory ({cwd}), then on sys.path ("
+                + ", ".join(shown) + "). Put the file in the directory you run opo from, or add "
+                "its directory to PYTHONPATH") from None
+        raise ValueError(f"reward {spec!r}: importing module {module_name!r} failed: "
+                         f"ModuleNotFoundError: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any error in the user's module is reported
+        raise ValueError(f"reward {spec!r}: importing module {module_name!r} failed: "
+                         f"{type(exc).__name__}: {exc}") from None
+
+
 def load_user_reward(spec: str) -> RewardFn:
-    """Import a user reward function named ``"module:function"`` (dots allowed after the colon)."""
+    """Import a user reward function named ``"module:function"`` (dots allowed after the colon).
+
+    The module is looked for in the current directory first, then on sys.path. Every failure
+    is a ValueError whose message says what was tried.
+    """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward {spec!r}: expected 'module:function'")
-    try:
-        obj = importlib.import_module(module_name)
-    except Exception as exc:
-        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r}: "
-                         f"{type(exc).__name__}: {exc}") from exc
+        raise ValueError(f"reward {spec!r}: expected 'module:function', e.g. my_rewards:score "
+                         "for a function score in my_rewards.py")
+    obj = _import_user_module(module_name, spec)
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
