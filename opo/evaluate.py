@@ -8,11 +8,24 @@ from __future__ import annotations
 
 from typing import Callable
 
-from opo.config import PromptConfig
-from opo.data import encode_prompts
+from opo.config import Config, PromptConfig
+from opo.data import encode_prompts, source_defaults, uses_chat_template
 from opo.metrics import maj_at_k, pass_at_k
 from opo.rewards import normalise_answer
 from opo.rollout import SamplingParams
+
+
+def eval_max_new_tokens(cfg: Config, tokenizer, training: bool = False) -> int:
+    """The evaluation token limit: eval.max_new_tokens, or when that is 0, in training
+    rollout.max_new_tokens (evaluate what is trained), else the data source's default for
+    chat or plain prompts (see opo.data.SourceDefaults)."""
+    if cfg.eval.max_new_tokens > 0:
+        return cfg.eval.max_new_tokens
+    if training:
+        return cfg.rollout.max_new_tokens
+    defaults = source_defaults(cfg.data.source)
+    chat = uses_chat_template(tokenizer, cfg.prompt)
+    return defaults.max_new_tokens if chat else defaults.plain_max_new_tokens
 
 
 def evaluate(engine, tokenizer, examples: list[dict], scorer, prompt_cfg: PromptConfig, *,
@@ -27,8 +40,8 @@ def evaluate(engine, tokenizer, examples: list[dict], scorer, prompt_cfg: Prompt
     are unbiased estimates over all `samples` responses (see opo.metrics). `chunk` bounds how
     many problems are generated at once; `progress(done, total)` is called after each chunk.
     `on_sample(record)` is called once per response, in order, with a dict: problem (index
-    into `examples`), sample, prompt, response, answer (what the reward read, or None), gold,
-    reward, correct, finish_reason, length.
+    into `examples`), sample, question, prompt, response, answer (what the reward read, or
+    None), gold, reward, correct, finish_reason, length.
     """
     ks = sorted({1, *k})
     if any(not 1 <= kk <= samples for kk in ks):
@@ -61,7 +74,8 @@ def evaluate(engine, tokenizer, examples: list[dict], scorer, prompt_cfg: Prompt
                 sums[f"maj@{kk}"] += maj_at_k(votes, correct, kk)
         if on_sample:
             for i, g in enumerate(batch.group_ids):
-                on_sample({"problem": start + g, "sample": i - g * samples, "prompt": texts[g],
+                on_sample({"problem": start + g, "sample": i - g * samples,
+                           "question": part[g]["question"], "prompt": texts[g],
                            "response": batch.texts[i], "answer": result.answers[i],
                            "gold": part[g]["answer"], "reward": result.rewards[i],
                            "correct": result.correct[i], "finish_reason": batch.finish_reasons[i],
