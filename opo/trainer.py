@@ -25,7 +25,7 @@ from opo import checkpoint as ckpt
 from opo.advantages import compute_advantages
 from opo.checkpoint import RunState
 from opo.config import Config, apply_overrides, dump_yaml, from_dict, read_yaml
-from opo.data import PromptSampler, encode_prompts, load_examples
+from opo.data import PromptSampler, encode_prompts, load_split
 from opo.evaluate import evaluate
 from opo.metrics import KLProbe, repetition_rate
 from opo.models import eos_ids, load_policy
@@ -80,8 +80,9 @@ class Run:
     def evaluate(self) -> dict:
         e = self.cfg.eval
         return evaluate(self.engine, self.tokenizer, self.held_out, self.scorer, self.cfg.prompt,
-                        samples=e.samples, temperature=e.temperature, k=e.k,
-                        max_new_tokens=self.cfg.rollout.max_new_tokens, chunk=e.batch_size)
+                        samples=e.samples, temperature=e.temperature, top_p=e.top_p, k=e.k,
+                        max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens,
+                        chunk=e.batch_size)
 
     def save(self) -> None:
         ckpt.save_run(self.dir, self.cfg.checkpoint.keep, self.state, self.model, self.tokenizer,
@@ -155,11 +156,10 @@ def set_up(cfg: Config, resume: bool, log) -> Run:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     seed_everything(cfg.trainer.seed)
-    train_set, held_out = load_examples(cfg.data)
-    log(f"data: {len(train_set)} training problems, {len(held_out)} held-out")
-    scorer = RewardScorer(kind=cfg.reward.kind, format_weight=cfg.reward.format_weight,
-                          timeout_s=cfg.reward.timeout_s, workers=cfg.reward.workers,
-                          isolate=cfg.reward.isolate)
+    split = load_split(cfg.data)
+    train_set, held_out = split.train, split.held_out
+    log(split.summary())
+    scorer = RewardScorer.from_config(cfg.reward)
     model, tokenizer = load_policy(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.cache_dir)
     if cfg.model.gradient_checkpointing:
         # HF only checkpoints activations in train() mode; dropout is off (see load_policy),
@@ -202,7 +202,7 @@ def train_step(run: Run) -> dict:
                             f"{batch.policy_version}; the weights are at version {state.policy_version}")
     with timer("reward"):
         rewards = run.scorer.score([prompt_texts[g] for g in batch.group_ids], batch.texts,
-                                   [examples[g] for g in batch.group_ids])
+                                   [examples[g] for g in batch.group_ids], truncated=batch.truncated)
     if rewards.errors and not any(row.get("reward_errors") for row in state.rows):
         run.log(f"step {state.step + 1}: {rewards.errors} reward checks failed and scored 0 "
                 f"({rewards.timeouts} timeouts); first: {rewards.error_messages[0]}")

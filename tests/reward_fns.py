@@ -40,3 +40,14 @@ def always_raises(prompt, response, example):
 def even_length(prompt, response, example):
     """A reward with variance for a random model: 1.0 for responses of even length."""
     return float(len(response) % 2 == 0)
+
+
+def sees_options(prompt, response, example, *, truncated=False, answer_format="auto"):
+    """1.0 when the scorer said the response was truncated; checks the format arrived too."""
+    assert answer_format in ("auto", "boxed", "last_number")
+    return 1.0 if truncated else 0.0
+
+
+def graded(prompt, response, example):
+    """A user reward with partial scores: the response is the score."""
+    return float(response)
