@@ -40,3 +40,8 @@ def always_raises(prompt, response, example):
 def even_length(prompt, response, example):
     """A reward with variance for a random model: 1.0 for responses of even length."""
     return float(len(response) % 2 == 0)
+
+
+def even_length(prompt, response, example):
+    """1.0 for a response of even length: a signal any model, even a random one, gets about half the time."""
+    return float(len(response) % 2 == 0)
