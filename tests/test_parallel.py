@@ -72,10 +72,36 @@ def _step(world, kind, model_dir, prompts, responses, adv, *, sampler_shift=0.0)
     return stats, weights, policy, optimizer
 
 
+def _generate_alone(world, policy, model_dir, weights) -> dict:
+    """Rank 0 alone samples greedily from the FSDP2-sharded model, inside `gathered`; the
+    tokens must equal those of an unsharded copy holding the same weights."""
+    from opo.models import eos_ids, load_policy
+    from opo.rollout import SamplingParams, make_engine
+
+    prompts, _, _ = _batch()
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=6)
+    same = {}
+    for kind in ("fast", "hf"):
+        plain, tok = load_policy(str(model_dir), device="cpu")
+        engine = make_engine(kind, policy.lm, tok, eos_ids(plain, tok))
+        with parallel.gathered(policy):
+            sharded = engine.generate(prompts[::4], params).response_ids if world.is_main else None
+        if world.is_main:
+            plain.load_state_dict(weights, strict=False)
+            same[kind] = sharded == make_engine(kind, plain, tok, eos_ids(plain, tok)).generate(
+                prompts[::4], params).response_ids
+        world.broadcast_json(None)  # both ranks come out of the phase and meet again
+    return same
+
+
 def _worker(rank, size, port, model_dir, out_dir):
+    from datetime import timedelta
+
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    # A short timeout, so that a rank left waiting in a collective fails the test instead of hanging it.
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     world = parallel.init("cpu")
     prompts, responses, adv = _batch()
     mine = slice(*(len(prompts) // size * k for k in (rank, rank + 1)))  # whole groups: 8 rows each
@@ -89,6 +115,7 @@ def _worker(rank, size, port, model_dir, out_dir):
             fresh = torch.optim.AdamW(policy.parameters(), lr=LR)
             parallel.load_optimizer_state(world, policy, fresh, lambda: state)
             out["fsdp"]["reloaded"] = parallel.optimizer_state(world, policy, fresh)
+            out["fsdp"]["generated_alike"] = _generate_alone(world, policy, model_dir, weights)
     # A NaN advantage on rank 1 only: both ranks must skip the step.
     nan_adv = adv[mine].clone()
     if rank == 1:
@@ -109,7 +136,7 @@ def _worker(rank, size, port, model_dir, out_dir):
     full = world.gather(r, lengths, groups)
     out["advantages"] = world.local_part(compute_advantages("reinforce_pp", *full))
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")
-    parallel.shutdown(world)
+    dist.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -172,6 +199,11 @@ def test_fsdp2_optimizer_state_is_gathered_in_the_single_process_layout(two_rank
         for key, value in state.items():
             assert torch.equal(reloaded["state"][i][key], value), (i, key)
     assert ranks[1]["fsdp"]["optimizer"] == {}  # only rank 0 holds the gathered copy
+
+
+def test_fsdp2_generation_runs_on_the_gathered_weights_on_one_rank_alone(two_ranks):
+    ranks, _ = two_ranks
+    assert ranks[0]["fsdp"]["generated_alike"] == {"fast": True, "hf": True}
 
 
 def test_ranks_skip_a_nan_step_together(two_ranks, initial_weights):
