@@ -141,7 +141,7 @@ class World:
         padded[:data.numel()] = data.to(dev)
         parts = [torch.empty_like(padded) for _ in range(self.size)]
         dist.all_gather(parts, padded)
-        return [json.loads(bytes(p[:int(s.item())].cpu().tolist()).decode()) for p, s in zip(parts, sizes)]
+        return [json.loads(p[:int(s.item())].cpu().numpy().tobytes()) for p, s in zip(parts, sizes)]
 
     def broadcast_json(self, obj):
         """Rank 0's JSON-able `obj` on every rank (what other ranks pass is ignored)."""
@@ -155,11 +155,7 @@ class World:
         if self.is_main:
             buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         dist.broadcast(buf, 0)
-        return json.loads(bytes(buf.cpu().tolist()).decode())
-
-    def barrier(self) -> None:
-        if self.size > 1:
-            dist.barrier()
+        return json.loads(buf.cpu().numpy().tobytes())
 
     # ------------------------------------------------------------------ micro-batches
 
