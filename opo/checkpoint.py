@@ -8,7 +8,11 @@ A checkpoint is a folder RUN_DIR/checkpoints/step_N/ holding
     optimizer.pt           optimiser state (tensors and numbers only; loaded weights_only=True)
     tensors.safetensors    torch RNG states and the KL probe
     trainer_state.json     step, policy version, data-sampler position, scheduler state,
-                           python/numpy RNG states, the metrics rows so far
+                           python/numpy RNG states, the metrics rows so far; under data
+                           parallelism also every other rank's RNG states
+
+Weights and optimiser state are always the full (unsharded) ones in torch's own layout,
+so a checkpoint written by N data-parallel processes loads in one process and back.
 
 It is written into a hidden temporary folder, every file is fsync'd, and only then is
 the folder renamed to step_N, so a folder with that name is always complete. Nothing
@@ -51,6 +55,7 @@ class RunState:
     scheduler: dict = field(default_factory=dict)
     rows: list = field(default_factory=list)
     wall_seconds: float = 0.0
+    world_size: int = 1           # data-parallel processes that wrote the checkpoint
 
 
 def _fsync(path: Path) -> None:
@@ -74,6 +79,15 @@ def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
     return plain, tensors
 
 
+def rng_to_json(plain: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """`rng_state()` as one JSON-able object (RNG states are small byte tensors)."""
+    return {"plain": plain, "tensors": {k: v.tolist() for k, v in tensors.items()}}
+
+
+def rng_from_json(obj: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    return obj["plain"], {k: torch.tensor(v, dtype=torch.uint8) for k, v in obj["tensors"].items()}
+
+
 def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
     version, internal, gauss = plain["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -94,7 +108,11 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, state: dict,
-                    tensors: dict[str, torch.Tensor], keep: int, tokenizer=None) -> Path:
+                    tensors: dict[str, torch.Tensor], keep: int, tokenizer=None,
+                    weights: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict | None = None) -> Path:
+    """Write step `step` atomically. `weights` / `optimizer_state`, when given (gathered
+    from shards, see opo.parallel), are written instead of `model` / `optimizer`'s own."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step}"
     tmp = root / f".step_{step}.tmp{os.getpid()}"
@@ -102,8 +120,12 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, state: 
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if weights is None:
+            save_model(model, str(tmp / "model.safetensors"))
+        else:
+            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                   tmp / "optimizer.pt")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                   str(tmp / "tensors.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(state))
@@ -123,8 +145,9 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, state: 
     return final
 
 
-def load_checkpoint(path: str | Path, *, model, optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restore model and optimiser in place; return (trainer state, extra tensors)."""
+def load_checkpoint(path: str | Path, *, model=None, optimizer=None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore model and optimiser in place (each skipped when None); return (trainer
+    state, extra tensors)."""
     path = Path(path)
     missing = [n for n in FILES if not (path / n).is_file()]
     if missing:
@@ -132,18 +155,28 @@ def load_checkpoint(path: str | Path, *, model, optimizer) -> tuple[dict, dict[s
     try:
         state = json.loads((path / "trainer_state.json").read_text())
         tensors = load_file(str(path / "tensors.safetensors"))
-        missing_keys, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-        if unexpected or missing_keys:
-            raise CheckpointError(f"checkpoint {path} does not match the model: missing "
-                                  f"{sorted(missing_keys)[:3]}, unexpected {sorted(unexpected)[:3]}")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True,
-                                             map_location="cpu"))
+        if model is not None:
+            missing_keys, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+            if unexpected or missing_keys:
+                raise CheckpointError(f"checkpoint {path} does not match the model: missing "
+                                      f"{sorted(missing_keys)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        if optimizer is not None:
+            optimizer.load_state_dict(read_optimizer_state(path))
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt checkpoint
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: "
                               f"{type(exc).__name__}: {exc}") from exc
     return state, tensors
+
+
+def read_optimizer_state(path: str | Path) -> dict:
+    """The optimiser state of checkpoint `path`, in torch's layout, on the CPU."""
+    try:
+        return torch.load(Path(path) / "optimizer.pt", weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt checkpoint
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: optimizer.pt: "
+                              f"{type(exc).__name__}: {exc}") from exc
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:
@@ -183,31 +216,43 @@ def replace_folder(tmp: Path, final: Path) -> None:
 
 
 def save_run(run_dir: str | Path, keep: int, state: RunState, model, tokenizer, optimizer, scheduler,
-             sampler, tensors: dict[str, torch.Tensor]) -> Path:
+             sampler, tensors: dict[str, torch.Tensor], *, weights: dict[str, torch.Tensor] | None = None,
+             optimizer_state: dict | None = None, other_rank_rngs: list[dict] = ()) -> Path:
     """Checkpoint a whole run at `state.step`: weights, optimiser, scheduler, sampler, every
-    RNG, the metrics so far, and any extra tensors (the KL probe)."""
+    RNG, the metrics so far, and any extra tensors (the KL probe). Under data parallelism
+    rank 0 calls this with the gathered `weights` / `optimizer_state` (FSDP2) and the
+    other ranks' RNG states (`rng_to_json` form, rank 1 first)."""
     state.sampler = sampler.state_dict()
     state.scheduler = scheduler.state_dict()
     rng_plain, rng_tensors = rng_state()
-    payload = {**state.__dict__, "rng": rng_plain}
+    payload = {**state.__dict__, "rng": rng_plain, "rng_other_ranks": list(other_rank_rngs)}
     return save_checkpoint(run_dir, state.step, model=model, optimizer=optimizer, state=payload,
-                           tensors={**rng_tensors, **tensors}, keep=keep, tokenizer=tokenizer)
+                           tensors={**rng_tensors, **tensors}, keep=keep, tokenizer=tokenizer,
+                           weights=weights, optimizer_state=optimizer_state)
 
 
-def restore_run(run_dir: str | Path, model, optimizer, scheduler, sampler) -> tuple[RunState, dict]:
-    """Load the latest checkpoint into model, optimiser, scheduler, sampler and the RNGs;
-    return the run state and the extra tensors. metrics.jsonl is rewritten to the rows the
-    checkpoint knows: rows logged after it by the interrupted run are replayed."""
+def restore_run(run_dir: str | Path, model, optimizer, scheduler, sampler, *, rank: int = 0,
+                write_metrics: bool = True) -> tuple[RunState, dict]:
+    """Load the latest checkpoint into model and optimiser (each skipped when None),
+    scheduler, sampler and rank `rank`'s RNGs; return the run state and the extra tensors.
+    A rank the checkpoint has no RNG state for keeps its own. With `write_metrics`,
+    metrics.jsonl is rewritten to the rows the checkpoint knows: rows logged after it by
+    the interrupted run are replayed."""
     run_dir = Path(run_dir)
     path = latest_checkpoint(run_dir)
     payload, tensors = load_checkpoint(path, model=model, optimizer=optimizer)
-    set_rng_state(payload.pop("rng"), tensors)
+    others = payload.pop("rng_other_ranks", [])
+    if rank == 0:
+        set_rng_state(payload.pop("rng"), tensors)
+    elif rank <= len(others):
+        set_rng_state(*rng_from_json(others[rank - 1]))
     known = {f for f in RunState.__dataclass_fields__}
     state = RunState(**{k: v for k, v in payload.items() if k in known})
     sampler.load_state_dict(state.sampler)
     scheduler.load_state_dict(state.scheduler)
-    tmp = run_dir / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in state.rows))
-    os.replace(tmp, run_dir / "metrics.jsonl")
+    if write_metrics:
+        tmp = run_dir / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in state.rows))
+        os.replace(tmp, run_dir / "metrics.jsonl")
     extra = {k: v for k, v in tensors.items() if not k.startswith("rng.")}
     return state, extra

@@ -80,7 +80,8 @@ class RolloutConfig:
         "Rollout engine. `fast` is our KV-cached sampler on the transformers model (shared prompt "
         "prefill, finished rows leave the batch); `hf` is transformers' own generate, the reference. "
         "Both return per-token sampler log-probs.", "fast")
-    prompts_per_step: int = doc("Prompts per rollout batch.", 16)
+    prompts_per_step: int = doc("Prompts per rollout batch, in total: under torchrun each process takes "
+                                "an equal share of whole prompts, so use a multiple of the process count.", 16)
     samples_per_prompt: int = doc("K, responses sampled per prompt (the group size).", 8)
     temperature: float = doc("Sampling temperature.", 1.0)
     top_p: float = doc("Nucleus sampling threshold; 1.0 disables it. Training scores tokens under "
@@ -176,6 +177,12 @@ class TrainerConfig:
     warn_no_signal_steps: int = doc(
         "Warn once when this many steps in a row had no learning signal (every group's rewards "
         "equal); 0 disables the warning.", 10)
+    parallel: Literal["ddp", "fsdp"] = doc(
+        "Data parallelism under torchrun (ignored in a single process). `ddp`: every GPU holds "
+        "the whole model, its gradients and optimiser state, and gradients are all-reduced once "
+        "per step. `fsdp`: FSDP2 shards parameters, gradients and optimiser state over the GPUs "
+        "(per decoder layer), for models that do not fit with ddp; generation then gathers the "
+        "full parameters for its phase. See the README's Scaling out section.", "ddp")
     profile: bool = doc("Print a table of seconds per phase of a step (generation, reward, "
                         "forward, backward, optimiser, metrics, KL probe) at the end. The "
                         "per-step figures are always in metrics.jsonl as time_* fields.", False)

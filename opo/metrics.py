@@ -79,12 +79,19 @@ def _weighted_wins(c: int, others: list[int], silent: int, k: int) -> Fraction:
 
 def repetition_rate(responses: list[list[int]], n: int = 4) -> float:
     """Share of n-grams that repeat an earlier n-gram of the same response, over the batch."""
+    repeated, total = repetition_counts(responses, n)
+    return repeated / total if total else 0.0
+
+
+def repetition_counts(responses: list[list[int]], n: int = 4) -> tuple[int, int]:
+    """(n-grams that repeat an earlier one of the same response, all n-grams), summed over
+    the responses; counts add up across data-parallel ranks, rates would not."""
     repeated = total = 0
     for tokens in responses:
         grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
         total += len(grams)
         repeated += len(grams) - len(set(grams))
-    return repeated / total if total else 0.0
+    return repeated, total
 
 
 class KLProbe:

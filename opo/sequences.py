@@ -219,15 +219,47 @@ def _hidden_full(model, packed: Packed) -> torch.Tensor:
     return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
+class ScoreModule(torch.nn.Module):
+    """`score` as the forward of a module that holds the causal LM (as `.lm`).
+
+    DDP and FSDP2 work through hooks around the forward of the module they wrap: DDP
+    prepares its gradient all-reduce there, FSDP2 gathers the root's parameters (here the
+    embeddings, final norm and output layer) and queues its end-of-backward work. `score`
+    calls the decoder and the output layer directly rather than the model's forward, so
+    on a wrapped causal LM those hooks would never run. Wrapping this module instead makes
+    every scoring call a forward of the wrapped root (see opo.parallel.wrap).
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, packed: "Packed", dist: Dist = Dist(), with_entropy: bool = False,
+                chunk_tokens: int = 0, share_prompts: bool | None = None):
+        return _score_lm(self.lm, packed, dist, with_entropy=with_entropy, chunk_tokens=chunk_tokens,
+                         share_prompts=share_prompts)
+
+
 def score(model, packed: Packed, dist: Dist = Dist(), *, with_entropy: bool = False,
           chunk_tokens: int = 0, share_prompts: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi_s of every response token [B, T] (0 off the mask), and the sampling
     distribution's entropy there (detached) or None.
 
+    `model` is a causal LM, or a `ScoreModule` (bare, under DDP, or sharded by FSDP2),
+    which is called through its forward so that the wrapper's hooks run.
     share_prompts: run each prompt once for all its rows (None = when the model allows it).
     The output layer sees response positions only, `chunk_tokens` at a time (0 = all); with
     more than one chunk and gradients on, each chunk is recomputed during backward.
     """
+    if isinstance(getattr(model, "module", model), ScoreModule):  # DDP keeps it as .module
+        return model(packed, dist, with_entropy=with_entropy, chunk_tokens=chunk_tokens,
+                     share_prompts=share_prompts)
+    return _score_lm(model, packed, dist, with_entropy=with_entropy, chunk_tokens=chunk_tokens,
+                     share_prompts=share_prompts)
+
+
+def _score_lm(model, packed: Packed, dist: Dist, *, with_entropy: bool, chunk_tokens: int,
+              share_prompts: bool | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     if share_prompts is None:
         share_prompts = can_share_prompts(model)
     hidden = (_hidden_shared if share_prompts else _hidden_full)(model, packed)
@@ -267,11 +299,16 @@ def score(model, packed: Packed, dist: Dist = Dist(), *, with_entropy: bool = Fa
 
 @torch.no_grad()
 def batched_logprobs(model, packed: Packed, dist: Dist = Dist(), *, max_rows: int = 0,
-                     max_tokens: int = 0, chunk_tokens: int = 0) -> torch.Tensor:
-    """log pi_s of every response token [B, T] without gradients, micro-batch by micro-batch."""
+                     max_tokens: int = 0, chunk_tokens: int = 0, same_count=None) -> torch.Tensor:
+    """log pi_s of every response token [B, T] without gradients, micro-batch by micro-batch.
+
+    `same_count(plan) -> plan`, in data-parallel runs, gives every rank the same number of
+    micro-batches (`opo.parallel.World.same_count`): FSDP2 gathers in every forward.
+    """
     device = next(model.parameters()).device
     out = torch.zeros(packed.response_mask.shape, dtype=torch.float32)
-    for idx in packed.micro_batches(max_rows, max_tokens):
+    plan = packed.micro_batches(max_rows, max_tokens)
+    for idx in same_count(plan) if same_count else plan:
         micro = packed.rows(torch.tensor(idx)).to(device)
         logp = score(model, micro, dist, chunk_tokens=chunk_tokens)[0].cpu()
         out[idx, :logp.shape[1]] = logp

@@ -6,6 +6,10 @@ Exact on-policy (algo.updates_per_batch = 1, the OPO setting): every rollout bat
 feeds exactly one optimiser step, so the importance ratio is 1 and nothing is clipped;
 every step also checks that the trainer's log-probs of the sampled tokens equal the
 sampler's (`logp_mismatch_*`), so "on-policy" is measured, not assumed.
+
+Under torchrun every rank runs this same loop on its share of whole prompt groups;
+`opo.parallel` does the reductions, so all ranks log, skip, stop and save alike, and
+only rank 0 writes the run folder. One process is the same code with a world of one.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ import numpy as np
 import torch
 
 from opo import checkpoint as ckpt
+from opo import parallel
 from opo.advantages import compute_advantages
 from opo.checkpoint import RunState
 from opo.config import Config, apply_overrides, dump_yaml, from_dict, read_yaml
-from opo.data import PromptSampler, encode_prompts, load_split
+from opo.data import PromptSampler, derive_seed, encode_prompts, load_split
 from opo.evaluate import evaluate
-from opo.metrics import KLProbe, repetition_rate
+from opo.metrics import KLProbe, repetition_counts
 from opo.models import eos_ids, load_policy
 from opo.rewards import RewardScorer
 from opo.rollout import SamplingParams, make_engine
@@ -66,6 +71,8 @@ class Run:
     probe: KLProbe | None
     ref_model: torch.nn.Module | None
     log: object
+    world: parallel.World
+    policy: torch.nn.Module  # what is scored and optimised: `model`, or its DDP/FSDP2 wrapper
 
     def sampling(self) -> SamplingParams:
         r = self.cfg.rollout
@@ -74,20 +81,35 @@ class Run:
 
     def logprobs(self, packed):
         a = self.cfg.algo
-        return batched_logprobs(self.model, packed, sampling_dist(self.cfg), max_rows=a.micro_batch_size,
-                                max_tokens=a.max_tokens_per_micro_batch, chunk_tokens=a.logprob_chunk_size)
+        return batched_logprobs(self.policy, packed, sampling_dist(self.cfg), max_rows=a.micro_batch_size,
+                                max_tokens=a.max_tokens_per_micro_batch, chunk_tokens=a.logprob_chunk_size,
+                                same_count=self.world.same_count)
+
+    def generate(self, prompt_ids, params: SamplingParams, *, main_only: bool = False):
+        """Sample from the policy (on rank 0 alone with main_only; None elsewhere)."""
+        with parallel.gathered(self.policy):
+            return self.engine.generate(prompt_ids, params) if self.world.is_main or not main_only else None
 
     def evaluate(self) -> dict:
-        e = self.cfg.eval
-        return evaluate(self.engine, self.tokenizer, self.held_out, self.scorer, self.cfg.prompt,
-                        samples=e.samples, temperature=e.temperature, top_p=e.top_p, k=e.k,
-                        max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens,
-                        chunk=e.batch_size)
+        """Held-out evaluation, each rank on its part of the problems; means over all of them."""
+        e, mine = self.cfg.eval, self.world.split(self.held_out)
+        with parallel.gathered(self.policy):
+            result = evaluate(self.engine, self.tokenizer, mine, self.scorer, self.cfg.prompt,
+                              samples=e.samples, temperature=e.temperature, top_p=e.top_p, k=e.k,
+                              max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens,
+                              chunk=e.batch_size) if mine else {}
+        return self.world.mean_over_ranks(result, len(mine), totals=("problems", "reward_errors"))
 
     def save(self) -> None:
-        ckpt.save_run(self.dir, self.cfg.checkpoint.keep, self.state, self.model, self.tokenizer,
-                      self.optimizer, self.scheduler, self.sampler,
-                      self.probe.state_dict() if self.probe else {})
+        """A checkpoint; every rank takes part (FSDP2 gathers, every rank's RNG state is kept)."""
+        weights = parallel.full_weights(self.world, self.policy)
+        optimizer_state = parallel.optimizer_state(self.world, self.policy, self.optimizer)
+        rngs = self.world.all_gather_json(ckpt.rng_to_json(*ckpt.rng_state()))
+        if self.world.is_main:
+            ckpt.save_run(self.dir, self.cfg.checkpoint.keep, self.state, self.model, self.tokenizer,
+                          self.optimizer, self.scheduler, self.sampler,
+                          self.probe.state_dict() if self.probe else {}, weights=weights,
+                          optimizer_state=optimizer_state, other_rank_rngs=rngs[1:])
 
 
 def lr_lambda(cfg: Config):
@@ -108,9 +130,23 @@ def seed_everything(seed: int) -> None:
 
 
 def train(cfg: Config, resume: bool = False, log=print) -> dict:
-    """Run (or continue) training; return the summary that is also written to summary.json."""
+    """Run (or continue) training; return the summary that is also written to summary.json.
+
+    Under torchrun, every process calls this; ranks other than 0 log nothing."""
+    world = parallel.init(cfg.model.device)
+    try:
+        return _train(cfg, resume, log if world.is_main else _silent, world)
+    finally:
+        parallel.shutdown(world)
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def _train(cfg: Config, resume: bool, log, world: parallel.World) -> dict:
     started = time.perf_counter()
-    run = set_up(cfg, resume, log)
+    run = set_up(cfg, resume, log, world)
     state = run.state
     if state.step > cfg.trainer.steps:
         raise TrainingError(f"the checkpoint in {run.dir} is at step {state.step}, beyond "
@@ -122,10 +158,10 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
         _write_row(run, {"step": 0, "eval_accuracy": state.initial_accuracy,
                          "eval_seconds": state.wall_seconds})
         log(f"initial held-out accuracy {state.initial_accuracy:.3f} on {len(run.held_out)} problems")
-    bar = _progress(cfg, state.step)
+    bar = _progress(cfg, state.step, world.is_main)
     last_save = time.monotonic()
-    with _StopFlag() as stop:
-        while state.step < cfg.trainer.steps and not stop.requested:
+    with _StopFlag(announce=world.is_main) as stop:
+        while state.step < cfg.trainer.steps and not world.any(stop.requested):  # all ranks stop alike
             row = train_step(run)
             if (cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0) or state.step == cfg.trainer.steps:
                 t0 = time.perf_counter()
@@ -134,33 +170,38 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
             state.wall_seconds += row["seconds"] + row.get("eval_seconds", 0.0)
             _write_row(run, row)
             _report_progress(run, row, bar)
-            if _checkpoint_due(cfg, state.step, last_save):
+            if world.any(_checkpoint_due(cfg, state.step, last_save)):
                 run.save()
                 last_save = time.monotonic()
         bar.close()
     if state.step < cfg.trainer.steps:  # stopped by SIGINT/SIGTERM
         run.save()
-        log(f"stopped after step {state.step}; resume with: opo train --resume {run.dir}")
+        launcher = "opo train" if world.size == 1 else "torchrun <the same options> -m opo train"
+        log(f"stopped after step {state.step}; resume with: {launcher} --resume {run.dir}")
         run.scorer.close()
         return {"stopped_at": state.step}
     return finish(run)
 
 
-def set_up(cfg: Config, resume: bool, log) -> Run:
+def set_up(cfg: Config, resume: bool, log, world: parallel.World = parallel.SINGLE) -> Run:
     """Load model, data, reward, engine and optimiser; restore a checkpoint when resuming."""
+    parallel.check_config(world, cfg)
+    cfg.run.dir = world.broadcast_json(cfg.run.dir)  # a default name holds a timestamp: use rank 0's
     run_dir = Path(cfg.run.dir)
     if not resume and ckpt.list_checkpoints(run_dir):
         raise TrainingError(f"{run_dir} already holds checkpoints; continue it with "
                             f"`opo train --resume {run_dir}` or choose another run.dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    seed_everything(cfg.trainer.seed)
+    # Rank 0 keeps the single-process seed; other ranks sample their own responses.
+    seed_everything(cfg.trainer.seed if world.is_main else derive_seed(cfg.trainer.seed, f"rank {world.rank}"))
     split = load_split(cfg.data)
     train_set, held_out = split.train, split.held_out
     log(split.summary())
     scorer = RewardScorer.from_config(cfg.reward)
-    model, tokenizer = load_policy(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.cache_dir)
+    model, tokenizer = load_policy(cfg.model.path, cfg.model.dtype, world.device, cfg.model.cache_dir)
     if cfg.model.gradient_checkpointing:
         # HF only checkpoints activations in train() mode; dropout is off (see load_policy),
         # so train() and eval() compute the same function and sampling stays on-policy.
@@ -168,24 +209,36 @@ def set_up(cfg: Config, resume: bool, log) -> Run:
         model.train()
     ref_model = None
     if cfg.algo.kl_coef > 0:  # only then does a second copy of the model live in memory
-        ref_model = load_policy(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.cache_dir)[0]
+        ref_model = load_policy(cfg.model.path, cfg.model.dtype, world.device, cfg.model.cache_dir)[0]
         ref_model.requires_grad_(False)
     _warn_unknown_tokens(tokenizer, train_set, cfg, log)
+    checkpoint = ckpt.latest_checkpoint(run_dir) if resume else None
+    if checkpoint:  # the full weights, on every rank, before any sharding
+        ckpt.load_checkpoint(checkpoint, model=model)
+    policy = parallel.wrap(model, world, cfg.trainer.parallel)
     engine = make_engine(cfg.rollout.engine, model, tokenizer, eos_ids(model, tokenizer), cfg.rollout.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     run = Run(cfg, run_dir, model, tokenizer, engine, optimizer, scheduler, scorer, train_set, held_out,
-              PromptSampler(len(train_set), cfg.trainer.seed), RunState(), None, ref_model, log)
-    if resume:
-        run.state, tensors = ckpt.restore_run(run_dir, model, optimizer, scheduler, run.sampler)
+              PromptSampler(len(train_set), cfg.trainer.seed), RunState(), None, ref_model, log, world, policy)
+    if checkpoint:
+        run.state, tensors = ckpt.restore_run(run_dir, None, None, scheduler, run.sampler, rank=world.rank,
+                                              write_metrics=world.is_main)
+        parallel.load_optimizer_state(world, policy, optimizer, lambda: ckpt.read_optimizer_state(checkpoint))
         run.probe = KLProbe.from_state_dict(tensors) if "probe.logp0" in tensors else None
         engine.sync_weights(model, run.state.policy_version)
         log(f"resumed {run_dir} at step {run.state.step}")
+        if run.state.world_size != world.size:
+            log(f"note: the checkpoint was written by {run.state.world_size} process(es), this run has "
+                f"{world.size}: training continues correctly, but does not replay the samples an "
+                f"uninterrupted run would have drawn")
     else:
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        (run_dir / "metrics.jsonl").write_text("")
+        if world.is_main:
+            (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            (run_dir / "metrics.jsonl").write_text("")
         run.probe = _make_probe(run)
+    run.state.world_size = world.size
     return run
 
 
@@ -193,10 +246,11 @@ def train_step(run: Run) -> dict:
     """One rollout batch, start to finish; returns its metrics row (without evaluation)."""
     cfg, state, timer = run.cfg, run.state, PhaseTimer()
     t0 = time.perf_counter()
-    examples = [run.train_set[i] for i in run.sampler.next_batch(cfg.rollout.prompts_per_step)]
+    # Every rank draws the same global batch and keeps its own whole prompts.
+    examples = [run.train_set[i] for i in run.world.share(run.sampler.next_batch(cfg.rollout.prompts_per_step))]
     prompt_texts, prompt_ids = encode_prompts(run.tokenizer, [ex["question"] for ex in examples], cfg.prompt)
     with timer("generate"):
-        batch = run.engine.generate(prompt_ids, run.sampling())
+        batch = run.generate(prompt_ids, run.sampling())
     if cfg.algo.updates_per_batch == 1 and batch.policy_version != state.policy_version:
         raise TrainingError(f"exact on-policy training refuses responses from policy version "
                             f"{batch.policy_version}; the weights are at version {state.policy_version}")
@@ -206,9 +260,11 @@ def train_step(run: Run) -> dict:
     if rewards.errors and not any(row.get("reward_errors") for row in state.rows):
         run.log(f"step {state.step + 1}: {rewards.errors} reward checks failed and scored 0 "
                 f"({rewards.timeouts} timeouts); first: {rewards.error_messages[0]}")
-    r = torch.tensor(rewards.rewards, dtype=torch.float32)
-    lengths = torch.tensor(batch.lengths, dtype=torch.float32)
-    groups = torch.tensor(batch.group_ids)
+    # The global batch's numbers on every rank: batch-level estimators and the metrics need them.
+    r, lengths, groups, correct, truncated = run.world.gather(
+        torch.tensor(rewards.rewards, dtype=torch.float32), torch.tensor(batch.lengths, dtype=torch.float32),
+        torch.tensor(batch.group_ids) + run.world.rank * len(examples),
+        torch.tensor(rewards.correct, dtype=torch.float32), torch.tensor(batch.truncated, dtype=torch.float32))
     adv = compute_advantages(cfg.algo.estimator, r, lengths, groups)
 
     device = next(run.model.parameters()).device
@@ -217,28 +273,31 @@ def train_step(run: Run) -> dict:
         packed.values["sampler_logp"] = packed.spread(batch.logprobs)
     lr = run.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
     try:
-        stats = policy_update(run.model, run.optimizer, packed.to(device), adv.to(device), cfg,
-                              run.ref_model, timer)
+        stats = policy_update(run.policy, run.optimizer, packed.to(device), run.world.local_part(adv).to(device),
+                              cfg, run.ref_model, timer, run.world)
     except OffPolicyError as exc:
         raise TrainingError(f"step {state.step + 1}: {exc}") from None
     state.step += 1
     _account_update(run, stats)
 
     with timer("metrics"):
-        group_min = torch.full((len(examples),), math.inf).scatter_reduce(0, groups, r, "amin")
-        group_max = torch.full((len(examples),), -math.inf).scatter_reduce(0, groups, r, "amax")
+        n_groups = len(examples) * run.world.size
+        group_min = torch.full((n_groups,), math.inf).scatter_reduce(0, groups, r, "amin")
+        group_max = torch.full((n_groups,), -math.inf).scatter_reduce(0, groups, r, "amax")
         no_signal = float((group_min == group_max).float().mean())
+        repeated, ngrams, errors, timeouts = run.world.sum(
+            *repetition_counts(batch.response_ids, cfg.metrics.repetition_ngram), rewards.errors, rewards.timeouts)
         row = {
             "step": state.step, "reward_mean": float(r.mean()),
-            "accuracy": sum(rewards.correct) / len(rewards.correct), "entropy": stats["entropy"],
+            "accuracy": float(correct.sum()) / len(correct), "entropy": stats["entropy"],
             "response_length_mean": float(lengths.mean()),
-            "truncated_rate": batch.finish_reasons.count("length") / len(batch),
-            "repetition_rate": repetition_rate(batch.response_ids, cfg.metrics.repetition_ngram),
+            "truncated_rate": float(truncated.sum()) / len(truncated),
+            "repetition_rate": repeated / ngrams if ngrams else 0.0,
             "grad_norm": stats["grad_norm"], "loss": stats["loss"], "clip_frac": stats["clip_frac"],
             "ratio_max": stats["ratio_max"], "logp_mismatch_max": stats["logp_mismatch_max"],
             "logp_mismatch_mean": stats["logp_mismatch_mean"], "adv_mean": float(adv.mean()),
             "adv_std": float(adv.std()) if len(adv) > 1 else 0.0, "zero_variance_groups": no_signal,
-            "reward_errors": rewards.errors, "reward_timeouts": rewards.timeouts,
+            "reward_errors": int(errors), "reward_timeouts": int(timeouts),
             "skipped_steps": state.skipped_steps, "policy_version": state.policy_version,
             "lr": lr, "tokens": int(lengths.sum()),
         }
@@ -312,7 +371,8 @@ def finish(run: Run) -> dict:
                "steps": state.step, "wall_seconds": state.wall_seconds, "estimator": run.cfg.algo.estimator,
                "skipped_steps": state.skipped_steps,
                "reward_errors": sum(row.get("reward_errors", 0) for row in state.rows), "run_dir": str(run.dir)}
-    (run.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if run.world.is_main:
+        (run.dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if run.cfg.trainer.profile:
         _print_profile(run)
     run.log(f"held-out accuracy {summary['initial_accuracy']:.3f} -> {final_accuracy:.3f} "
@@ -327,21 +387,27 @@ def _make_probe(run: Run) -> KLProbe | None:
         return None
     _, ids = encode_prompts(run.tokenizer, [ex["question"] for ex in run.train_set[:n]], run.cfg.prompt)
     params = SamplingParams(**{**run.sampling().__dict__, "n": 1})
-    batch = run.engine.generate(ids, params)
-    packed = pack(batch.prompt_ids, batch.response_ids, run.tokenizer.pad_token_id)
+    batch = run.generate(ids, params, main_only=True)  # rank 0 samples; every rank keeps the same probe
+    prompt_ids, response_ids = run.world.broadcast_json(None if batch is None else [batch.prompt_ids,
+                                                                                    batch.response_ids])
+    packed = pack(prompt_ids, response_ids, run.tokenizer.pad_token_id)
     return KLProbe(packed, run.logprobs(packed).cpu())
 
 
 def _write_row(run: Run, row: dict) -> None:
     run.state.rows.append(row)
-    with open(run.dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    if run.world.is_main:
+        with open(run.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def _save_final(run: Run) -> None:
+    weights = parallel.full_weights(run.world, run.policy)  # FSDP2: gathered on rank 0; else None
+    if not run.world.is_main:
+        return
     tmp = run.dir / "final.tmp"
     ckpt.shutil.rmtree(tmp, ignore_errors=True)
-    run.model.save_pretrained(tmp, safe_serialization=True)
+    run.model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
     run.tokenizer.save_pretrained(tmp)
     ckpt.replace_folder(tmp, run.dir / "final")
 
@@ -359,8 +425,9 @@ def _print_profile(run: Run) -> None:
 class _StopFlag:
     """SIGINT/SIGTERM ask the loop to finish the current step, checkpoint and exit."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.requested = False
+        self.announce = announce
         self._old = {}
 
     def __enter__(self):
@@ -370,17 +437,18 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         self.requested = True
-        print(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving", flush=True)
+        if self.announce:
+            print(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving", flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
 
 
-def _progress(cfg: Config, initial: int):
+def _progress(cfg: Config, initial: int, show: bool = True):
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.trainer.steps, initial=initial, disable=not cfg.trainer.progress,
+    return tqdm(total=cfg.trainer.steps, initial=initial, disable=not (cfg.trainer.progress and show),
                 desc="opo train", unit="step", dynamic_ncols=True)
 
 

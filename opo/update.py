@@ -9,7 +9,10 @@ under the sampling distribution, before the first of U mini-batch steps with PPO
 clipping. That is the paper's "off-policy" arm, not the default.
 
 Gradients of the micro-batches of one step add up to the full-batch gradient: the loss
-of each is divided by the token count of the whole (mini-)batch, not its own.
+of each is divided by the token count of the whole (mini-)batch, not its own. Under data
+parallelism (`world`, see opo.parallel) "whole" means across all ranks: token counts,
+the mismatch verdict, the NaN/inf verdict and the statistics are reduced, so every rank
+takes the same decision and the step equals the single-process step on the global batch.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from contextlib import contextmanager
 import torch
 
 from opo.loss import policy_loss
+from opo.parallel import SINGLE, World, clip_grad_norm
 from opo.sequences import Dist, Packed, batched_logprobs, score
 
 
@@ -51,7 +55,7 @@ def sampling_dist(cfg) -> Dist:
 
 
 def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cfg, ref_model=None,
-                  timer: PhaseTimer | None = None) -> dict:
+                  timer: PhaseTimer | None = None, world: World = SINGLE) -> dict:
     """Apply the update for one rollout batch; return its statistics.
 
     packed.values may hold "sampler_logp" (the engine's per-token log-probs); then
@@ -59,6 +63,9 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
     the batch's response tokens under the weights that sampled them, and in exact
     on-policy mode a mismatch above algo.max_logp_mismatch raises OffPolicyError before
     any weight changes.
+
+    `model` is the module to score and optimise: a causal LM, or its DDP/FSDP2 wrapper
+    from `parallel.wrap`; `packed` and `advantages` hold this rank's rows only.
     """
     a = cfg.algo
     timer = timer or PhaseTimer()
@@ -69,20 +76,21 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
     stats = {"loss": 0.0, "entropy": 0.0, "grad_norm": 0.0, "clip_frac": 0.0, "ratio_max": 0.0,
              "bad_updates": 0}
     mismatch = _Mismatch()
-    batch_tokens = float(packed.response_mask.sum())
+    batch_tokens = world.sum(packed.response_mask.sum())
     if not on_policy:
         with timer("old_logprobs"):
-            old = batched_logprobs(model, packed, dist, chunk_tokens=a.logprob_chunk_size, **limits)
+            old = batched_logprobs(model, packed, dist, chunk_tokens=a.logprob_chunk_size,
+                                   same_count=world.same_count, **limits)
         packed.values["old_logp"] = old
         mismatch.add(old, packed)
     order = torch.randperm(packed.num_rows) if not on_policy else torch.arange(packed.num_rows)
     for rows in order.chunk(a.updates_per_batch):
         mini = packed.rows(rows)
         mini_adv = advantages[rows]
-        mini_tokens = float(mini.response_mask.sum())
+        mini_tokens = world.sum(mini.response_mask.sum())
         optimizer.zero_grad(set_to_none=True)
         mini_loss = clipped = 0.0
-        for idx in mini.micro_batches(**limits):
+        for idx in world.micro_batches(model, mini.micro_batches(**limits)):
             idx = torch.tensor(idx)
             micro = mini.rows(idx)
             with timer("forward"):
@@ -100,18 +108,20 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
             if on_policy:
                 mismatch.add(logp.detach(), micro)
             with timer("backward"):
-                loss.backward()
+                (loss * world.size).backward()  # DDP and FSDP2 average gradients over ranks
             mini_loss += float(loss.detach())
             micro_tokens = float(micro.response_mask.sum())
             clipped += st["clip_frac"] * micro_tokens
             stats["ratio_max"] = max(stats["ratio_max"], st["ratio_max"])
             stats["entropy"] += float((entropy * micro.response_mask).sum()) / batch_tokens
         if on_policy:
+            mismatch.reduce(world)
             mismatch.check(a.max_logp_mismatch)
+        mini_loss, clipped = world.sum(mini_loss, clipped)
         with timer("optimizer"):
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-            if not (math.isfinite(grad_norm) and math.isfinite(mini_loss)):
+            grad_norm = clip_grad_norm(params, clip)
+            if world.any(not (math.isfinite(grad_norm) and math.isfinite(mini_loss))):
                 optimizer.zero_grad(set_to_none=True)  # a NaN/inf step is skipped, never applied
                 stats["bad_updates"] += 1
                 continue
@@ -120,6 +130,10 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
         stats["grad_norm"] += grad_norm / a.updates_per_batch
         stats["clip_frac"] += clipped / max(mini_tokens, 1.0) / a.updates_per_batch
     optimizer.zero_grad(set_to_none=True)
+    stats["entropy"] = world.sum(stats["entropy"])
+    stats["ratio_max"] = world.max(stats["ratio_max"])
+    if not on_policy:
+        mismatch.reduce(world)
     stats.update(mismatch.summary())
     return stats
 
@@ -144,6 +158,13 @@ class _Mismatch:
             self.max = max(self.max, float(diff.max()))
             self.total += float(diff.double().sum())
             self.tokens += diff.numel()
+
+    def reduce(self, world: World) -> None:
+        """The figures over all ranks, so that every rank reaches the same verdict."""
+        self.max = world.max(self.max)
+        self.total, self.tokens = world.sum(self.total, self.tokens)
+        self.tokens = int(self.tokens)
+        self.seen = self.tokens > 0
 
     def check(self, limit: float) -> None:
         if limit and self.seen and not self.max <= limit:

@@ -55,7 +55,11 @@ class HFEngine:
         for part in prompt_chunks(len(prompt_ids), params.n, self.batch_size):
             chunk = [p for p in prompt_ids[part] for _ in range(params.n)]
             ids, mask = pad_left(chunk, self.tokenizer.pad_token_id, device)
-            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+            # synced_gpus=False: transformers would turn it on for FSDP-sharded models and then
+            # wait for every rank each token; under opo.parallel each rank generates on its own,
+            # on the full weights gathered for the phase, so ranks may stop at different times.
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
+                                      synced_gpus=False)
             new = out.sequences[:, ids.shape[1]:]
             if params.temperature > 0:
                 # scores[t] [B, V] are the processed logits of step t; log-softmax gives log pi_s.
