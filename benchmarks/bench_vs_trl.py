@@ -775,8 +775,9 @@ def run_pair(model_key: str, dtype: str, args, work: Path, machine: dict | None)
     expected = [list(range(s * prompts_per_step, (s + 1) * prompts_per_step)) for s in range(total)]
     checks = []
     if "rows" in results.get("opo", {}) and results["opo"].get("asked"):
-        got = [[questions.index(q) if q in questions else -1 for q in step] for step in results["opo"]["asked"]]
-        checks.append(f"opo {'matches' if got == expected else 'DIFFERS from'} the planned prompt order")
+        planned = [[questions[i] for i in step] for step in expected]
+        same = results["opo"]["asked"] == planned
+        checks.append(f"opo {'matches' if same else 'DIFFERS from'} the planned prompt order")
     if "prompt_order" in results.get("trl", {}):
         flat = [q for step in expected for q in step]
         checks.append(f"TRL {'matches' if results['trl']['prompt_order'] == flat else 'DIFFERS from'} "
@@ -791,7 +792,7 @@ def print_pair(pair: dict, machine: dict | None) -> dict:
     res = pair["results"]
     print(f"\n-- {pair['model']} {pair['dtype']} --")
     print(f"   {'side':<5} {'median s/step':>13} {'mean resp len':>13} {'gen tok/s':>10} {'peak RSS':>10}   "
-          f"timed step seconds")
+          f"timed step seconds   (gen tok/s: generated tokens / step seconds, over the timed steps)")
     for side in ("trl", "opo"):
         r = res.get(side)
         if r is None:
