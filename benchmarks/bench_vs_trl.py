@@ -399,7 +399,47 @@ class ChildSpec:
     opo_overrides: list = field(default_factory=list)
 
 
-def run_child(spec: ChildSpec, work: Path) -> dict:
+# The children are started by this small launcher, never by the benchmark's own process.
+# On Linux a child's ru_maxrss starts from the memory peak of the address space it was
+# exec'd from: spawned (vfork + exec) straight from a process that once held a gigabyte,
+# even `python -c pass` reports a gigabyte. The launcher stays at a few tens of MB, so
+# that is all a child can inherit; it reports its own peak (VmHWM) so the floor is known.
+LAUNCHER = r"""
+import json, os, subprocess, sys
+def vmhwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+for line in sys.stdin:
+    job = json.loads(line)
+    with open(job["log"], "w") as log:
+        proc = subprocess.Popen(job["argv"], stdout=log, stderr=subprocess.STDOUT, env=job["env"])
+        _, status, usage = os.wait4(proc.pid, 0)
+    print(json.dumps({"exit": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss,
+                      "launcher_vmhwm_kb": vmhwm()}), flush=True)
+"""
+
+
+class Launcher:
+    """Runs each child and waits for it with os.wait4 on its pid alone, so the rusage is that
+    child's (and whatever it reaped itself): the two sides' peaks can never mix."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def run(self, argv: list[str], log: Path, env: dict) -> dict:
+        self.proc.stdin.write(json.dumps({"argv": argv, "log": str(log), "env": env}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def run_child(spec: ChildSpec, work: Path, launcher: Launcher) -> dict:
     """Run one side in its own process; return its result with its own peak RSS."""
     tag = f"{spec.side}-{spec.model_key}-{spec.dtype}"
     spec_path = work / f"{tag}.spec.json"
@@ -409,25 +449,32 @@ def run_child(spec: ChildSpec, work: Path) -> dict:
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", WANDB_DISABLED="true")
     start = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", spec.side,
-                                 str(spec_path)], stdout=log, stderr=subprocess.STDOUT, env=env)
-        # wait4 on this pid alone: the rusage is this child's (and whatever it reaped), so
-        # the two sides' peaks can never mix.
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    done = launcher.run([sys.executable, str(Path(__file__).resolve()), "--child", spec.side, str(spec_path)],
+                        log_path, env)
     wall = time.perf_counter() - start
     result_path = Path(spec.out_dir) / "result.json"
     result = json.loads(result_path.read_text()) if result_path.exists() else {}
-    result.update(returncode=proc.returncode, peak_rss_bytes=usage.ru_maxrss * 1024,
-                  child_wall_s=wall, log=str(log_path))
-    if proc.returncode != 0 and "error" not in result:
+    result.update(returncode=done["exit"], peak_rss_bytes=done["maxrss_kb"] * 1024,
+                  launcher_vmhwm_bytes=done["launcher_vmhwm_kb"] * 1024, child_wall_s=wall, log=str(log_path))
+    if done["exit"] != 0 and "error" not in result:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
-        result["error"] = f"exit code {proc.returncode}; last lines of {log_path}:\n    " + "\n    ".join(tail)
+        result["error"] = f"exit code {done['exit']}; last lines of {log_path}:\n    " + "\n    ".join(tail)
     return result
 
 
+def own_peak_rss_bytes() -> int | None:
+    """This process's own peak resident memory since its exec (VmHWM), or None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _write_result(spec: dict, result: dict) -> None:
+    result["own_vmhwm_bytes"] = own_peak_rss_bytes()  # a cross-check of the launcher's wait4 figure
     Path(spec["out_dir"], "result.json").write_text(json.dumps(result, indent=1))
 
 
@@ -679,18 +726,17 @@ def flop_report(label: str, summary: dict, n_params: int, machine: dict | None, 
              f"training 6*N*{trained:.0f} = {train_f / 1e12:.3f} TFLOP, generation 2*N*(prompt+generated) = "
              f"{gen_f / 1e12:.3f} TFLOP"]
     step_rate = (train_f + gen_f) / summary["median_s"] / 1e9
-    if machine:
-        peak = machine["fp32_peak"]
-        lines.append(f"    whole step: {step_rate:.1f} GFLOP/s = {100 * step_rate / peak:.1f}% of fp32 matmul peak "
-                     f"({peak:.0f} GFLOP/s)")
-    else:
-        lines.append(f"    whole step: {step_rate:.1f} GFLOP/s")
+    # Rates are set against the matmul peak of the dtype the side computes in.
+    peak = machine[f"{dtype}_peak"] if machine else None
+    of_peak = (lambda rate: f" = {100 * rate / peak:.1f}% of the {dtype} matmul peak ({peak:.3g} GFLOP/s)") \
+        if peak else (lambda rate: "")
+    lines.append(f"    whole step: {step_rate:.1f} GFLOP/s{of_peak(step_rate)}")
     phases = summary["phases"]
     train_time = sum(p["seconds"] for p in phases.values() if p["kind"] == "training")
     gen_time = sum(p["seconds"] for p in phases.values() if p["kind"] == "generation")
     if train_time > 0:
         rate = train_f / train_time / 1e9
-        share = f" = {100 * rate / machine['fp32_peak']:.1f}% of fp32 peak" if machine else ""
+        share = of_peak(rate)
         names = " + ".join(k for k, p in phases.items() if p["kind"] == "training")
         lines.append(f"    training phases ({names}): {train_time:.2f} s, {rate:.1f} GFLOP/s{share}")
     else:
@@ -701,7 +747,6 @@ def flop_report(label: str, summary: dict, n_params: int, machine: dict | None, 
         if machine:
             weight_bytes = n_params * BYTES_PER_PARAM[dtype]
             bw_cap = bandwidth_ceiling_tokens_per_s(machine["bandwidth_gb_s"], weight_bytes, batch)
-            peak = machine["fp32_peak"] if dtype == "fp32" else machine["bf16_peak"]
             fl_cap = compute_ceiling_tokens_per_s(peak, n_params)
             line += (f"; bandwidth allows {bw_cap:.0f} tokens/s ({weight_bytes / 1e6:.0f} MB of weights per decode "
                      f"step), matmul peak allows {fl_cap:.0f}: {100 * tps / min(bw_cap, fl_cap):.1f}% of the lower")
@@ -713,7 +758,7 @@ def flop_report(label: str, summary: dict, n_params: int, machine: dict | None, 
 
 # --------------------------------------------------------------------------- the run
 
-def run_pair(model_key: str, dtype: str, args, work: Path, machine: dict | None) -> dict:
+def run_pair(model_key: str, dtype: str, args, work: Path, machine: dict | None, launcher: Launcher) -> dict:
     from transformers import AutoTokenizer
 
     from opo.models import resolve_model_dir
@@ -759,7 +804,7 @@ def run_pair(model_key: str, dtype: str, args, work: Path, machine: dict | None)
                          out_dir=str(out_dir), trl_gradient_checkpointing=args.trl_gradient_checkpointing == "on",
                          opo_overrides=list(args.opo_set))
         print(f"   running {side} ...", flush=True)
-        res = run_child(spec, work)
+        res = run_child(spec, work, launcher)
         if "error" not in res:
             try:
                 res["summary"] = summarise(res, args.warmup, args.steps, per_step, prompts_per_step * k)
@@ -768,7 +813,9 @@ def run_pair(model_key: str, dtype: str, args, work: Path, machine: dict | None)
         if "error" in res:
             print(f"   {side}: could not run: {res['error']}")
         else:
-            print(f"   {side}: done in {res['child_wall_s']:.0f} s, peak RSS {fmt_bytes(res['peak_rss_bytes'])}")
+            print(f"   {side}: done in {res['child_wall_s']:.0f} s, peak RSS {fmt_bytes(res['peak_rss_bytes'])} "
+                  f"(wait4; the child's own VmHWM {fmt_bytes(res.get('own_vmhwm_bytes'))}; at most "
+                  f"{fmt_bytes(res['launcher_vmhwm_bytes'])} can come from the launcher)")
         results[side] = res
 
     # Did both sides train on the same prompts at every step?
@@ -851,6 +898,7 @@ def main(argv: list[str] | None = None) -> int:
         if version("trl") != TRL_VERSION:
             print(f"note: TRL {version('trl')} is installed; this benchmark was written for {TRL_VERSION}")
 
+    launcher = Launcher()  # before torch is imported here, so it starts small
     import torch
 
     threads = args.threads or torch.get_num_threads()
@@ -880,7 +928,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtype_list is None:
         args.dtype_list, why = auto_dtypes(machine, cpu_flags())
         print(f"--dtypes auto: {why}")
-    pairs = [run_pair(m, d, args, work, machine) for m in args.model_list for d in args.dtype_list]
+    try:
+        pairs = [run_pair(m, d, args, work, machine, launcher) for m in args.model_list for d in args.dtype_list]
+    finally:
+        launcher.close()
     print("\n================ results (" + ("noisy if anything else ran on this CPU" ) + ")")
     rows = {(p["model"], p["dtype"]): print_pair(p, machine) for p in pairs}
     (work / "results.json").write_text(json.dumps({"machine": machine, "pairs": pairs}, indent=1, default=str))

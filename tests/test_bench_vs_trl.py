@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -172,3 +173,19 @@ def test_missing_trl_is_reported_with_the_install_line(bench, monkeypatch, capsy
     assert bench.main(["--models", "tiny", "--dtypes", "fp32"]) == 3
     err = capsys.readouterr().err
     assert 'pip install -e ".[bench]"' in err and "--only opo" in err
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for VmHWM")
+def test_launcher_keeps_this_process_peak_out_of_the_child(bench):
+    """A child's ru_maxrss must not include the memory peak of the process that started it."""
+    ballast = bytearray(300 * 2**20)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page: 300 MB resident here
+    launcher = bench.Launcher()
+    try:
+        done = launcher.run([sys.executable, "-c", "pass"], Path(os.devnull), dict(os.environ))
+    finally:
+        launcher.close()
+        del ballast
+    assert done["exit"] == 0
+    assert done["maxrss_kb"] * 1024 < 100 * 2**20  # an empty interpreter, not 300 MB
+    assert done["launcher_vmhwm_kb"] * 1024 < 100 * 2**20
