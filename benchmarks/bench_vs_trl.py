@@ -788,6 +788,9 @@ def run_pair(model_key: str, dtype: str, args, work: Path, machine: dict | None,
     print(f"   TRL gradient_checkpointing={args.trl_gradient_checkpointing} (TRL's default: on); opo "
           f"model.gradient_checkpointing as configured (opo's default: off)"
           + (f"; opo overrides: {' '.join(args.opo_set)}" if args.opo_set else ""))
+    if dtype == "bf16":
+        print("   bf16: TRL loads the weights in bf16 (model_init_kwargs dtype) with bf16=True; opo uses "
+              "model.dtype=bfloat16: both hold and update bf16 weights")
     print(f"   prompt token ids identical on both sides: {'yes' if same_ids else 'NO'} "
           f"({len(questions)} prompts, files in {folder})")
 
