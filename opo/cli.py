@@ -1,4 +1,4 @@
-"""Command line: `opo train`, `opo eval`, `opo toy-base`, `opo config`."""
+"""Command line: `opo train`, `opo eval`, `opo compare`, `opo variance`, `opo toy-base`, `opo config`."""
 
 from __future__ import annotations
 
@@ -93,6 +93,46 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_variance(args) -> int:
+    from opo.config import apply_overrides
+    from opo.data import load_examples
+    from opo.models import load_policy
+    from opo.rewards import RewardScorer
+    from opo.variance import VarianceSettings, format_report, measure_variance
+
+    import torch
+
+    cfg = load_config(args.preset or "tiny")
+    apply_overrides(cfg, args.set)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = VarianceSettings(
+        prompts=args.prompts, groups=args.groups, group_size=args.k,
+        temperature=args.temperature if args.temperature is not None else cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p, max_new_tokens=args.max_new_tokens or cfg.rollout.max_new_tokens,
+        seed=args.seed, param_filter=args.params)
+    train, held_out = load_examples(cfg.data)
+    examples = held_out if args.split == "held_out" else train
+    model, tokenizer = load_policy(args.model or cfg.model.path, cfg.model.dtype, cfg.model.device,
+                                   cfg.model.cache_dir)
+    model.eval()  # dropout off: the gradients are those of the distribution we sample
+    scorer = RewardScorer(kind=cfg.reward.kind, timeout_s=cfg.reward.timeout_s,
+                          workers=cfg.reward.workers, isolate=cfg.reward.isolate)
+    try:
+        result = measure_variance(model, tokenizer, examples, scorer, cfg.prompt, settings)
+    finally:
+        scorer.close()
+    result.update(model=args.model or cfg.model.path, preset=cfg.preset,
+                  task=cfg.data.task or cfg.data.source, split=args.split)
+    print()
+    print(format_report(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_toy_base(args) -> int:
     from opo.toy import ASSET_DIR, build_toy_base
 
@@ -138,6 +178,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config override")
     p.add_argument("--out", help="write the results as JSON here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("variance", help="measure the policy-gradient variance under each reward "
+                                        "baseline, with exact per-response gradients (small models)")
+    p.add_argument("preset", nargs="?", help="preset or YAML for model, data, prompt and reward "
+                                             "(default: tiny)")
+    p.add_argument("--model", help="model path or built-in name (default: the preset's)")
+    p.add_argument("--prompts", type=int, default=16, help="prompts (P)")
+    p.add_argument("--groups", type=int, default=16, help="independent groups per prompt (M)")
+    p.add_argument("--k", type=int, default=8, help="responses per group (K)")
+    p.add_argument("--temperature", type=float, help="default: the preset's rollout.temperature")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="default: the preset's")
+    p.add_argument("--split", choices=["train", "held_out"], default="train",
+                   help="which problems supply the prompts")
+    p.add_argument("--params", default="", metavar="REGEX",
+                   help="only parameters whose name matches (for models too big for full "
+                        "per-response gradients); default: all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config override")
+    p.add_argument("--out", metavar="FILE.json", help="write every figure as JSON here")
+    p.set_defaults(func=cmd_variance)
 
     p = sub.add_parser("toy-base", help="rebuild the tiny preset's warm-started weights")
     p.add_argument("--out", help="output folder (default: the package's assets/tiny)")
