@@ -93,6 +93,50 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from opo.compare import (CompareError, find_runs, format_table, load_run, plan_grid, run_grid,
+                             select_variants, write_report, build_table)
+
+    try:
+        if args.out:
+            from opo.compare import _pyplot
+
+            _pyplot()  # a missing matplotlib is reported before any run starts
+        if not args.runs and not args.passk or args.config or args.overrides:
+            if args.runs:
+                raise CompareError("give either --runs DIR... or a grid to run (PRESET key=value...), "
+                                   "not both")
+            if not args.out:
+                raise CompareError("running a grid needs --out DIR (the runs go in DIR/runs)")
+            source, overrides = args.config, list(args.overrides)
+            if source and "=" in source:
+                source, overrides = None, [source, *overrides]
+            load_config(source or "tiny", overrides)  # a config error stops us before any run
+            if args.seeds < 1:
+                raise CompareError(f"--seeds must be >= 1, got {args.seeds}")
+            out = Path(args.out)
+            jobs = plan_grid(out, list(range(args.seed0, args.seed0 + args.seeds)),
+                             select_variants(args.variants))
+            results = run_grid(jobs, source or "tiny", overrides, args.jobs)
+            failed = [job for job, rc in results if rc != 0]
+            run_dirs = [j.run_dir for j in jobs if (j.run_dir / "summary.json").is_file()]
+        else:
+            failed, run_dirs = [], find_runs(args.runs) if args.runs else []
+        runs = [load_run(d) for d in run_dirs]
+        if runs:
+            print(format_table(build_table(runs, args.reference)))
+        if args.out:
+            write_report(runs, Path(args.out), args.passk or [], reference=args.reference)
+            print(f"wrote {Path(args.out) / 'report.html'} and table.json")
+        if failed:
+            print("failed runs: " + ", ".join(str(j.run_dir) for j in failed), file=sys.stderr)
+            return 1
+    except CompareError as exc:
+        print(f"opo: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_variance(args) -> int:
     from opo.config import apply_overrides
     from opo.data import load_examples
@@ -178,6 +222,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config override")
     p.add_argument("--out", help="write the results as JSON here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="run a grid of estimators x seeds, or read run folders, and "
+                                       "write a table, plots and an HTML report")
+    p.add_argument("config", nargs="?", help="preset or YAML for the grid (default: tiny)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run of the grid")
+    p.add_argument("--runs", nargs="+", metavar="DIR", help="compare these run folders (or folders "
+                                                             "holding run folders) instead of running")
+    p.add_argument("--passk", nargs="+", metavar="EVAL.json", help="plot pass@k against k from "
+                                                                    "`opo eval --out` files")
+    p.add_argument("--seeds", type=int, default=5, help="seeds per variant (trainer.seed)")
+    p.add_argument("--seed0", type=int, default=0, help="first seed")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time; each gets cores/jobs threads")
+    p.add_argument("--variants", default="", help="comma-separated subset of the default grid: "
+                   "opo, grpo, grpo_offpolicy, dr_grpo, rloo, opo_exact, opo_proxy")
+    p.add_argument("--reference", default="opo", help="variant the others are paired against")
+    p.add_argument("--out", metavar="DIR", help="write DIR/report.html, DIR/table.json and the PNGs "
+                                                "(and, for a grid, the runs in DIR/runs)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("variance", help="measure the policy-gradient variance under each reward "
                                         "baseline, with exact per-response gradients (small models)")
