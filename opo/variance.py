@@ -241,19 +241,32 @@ def measure_variance(model, tokenizer, examples: list[dict], scorer, prompt_cfg,
     mean_sq = np.zeros((s.prompts, len(VARIANTS)))         # ‖mean estimate‖²
     rows = {"length": [], "gradnorm2": [], "proxy": [], "reward": [], "prompt": []}
     group_lengths = []
+    # A confident policy samples the same response many times; its gradient is computed
+    # once per prompt and kept (up to about 1 GB of gradients).
+    cache_limit = int(1e9 // (dim * 4))
+    backward_passes = 0
     for p in range(s.prompts):
         accs = [TraceCovariance(dim, acc_dtype) for _ in VARIANTS]
+        cache: dict[tuple, tuple[Tensor, float]] = {}
         for m in range(s.groups):
             idx = [p * n_each + m * s.group_size + j for j in range(s.group_size)]
-            responses = [batch.response_ids[i] for i in idx]
+            responses = [tuple(batch.response_ids[i]) for i in idx]
             if any(len(r) == 0 for r in responses):
                 raise ValueError("a sampled response is empty; cannot take its gradient")
-            packed = pack([batch.prompt_ids[i] for i in idx], responses, tokenizer.pad_token_id)
+            fresh: dict[tuple, tuple[Tensor, float]] = {}
+            todo = list(dict.fromkeys(r for r in responses if r not in cache))
+            if todo:
+                packed = pack([batch.prompt_ids[idx[0]]] * len(todo), [list(r) for r in todo],
+                              tokenizer.pad_token_id)
+                for j, flat, prox, _ in per_response_grads(model, packed, tensors, s.temperature):
+                    fresh[todo[j]] = (flat, prox)
+                    if len(cache) < cache_limit:
+                        cache[todo[j]] = (flat, prox)
+                backward_passes += len(todo)
             grads = torch.empty(s.group_size, dim, dtype=torch.float32)
             proxy = torch.empty(s.group_size, dtype=torch.float64)
-            for j, flat, prox, _ in per_response_grads(model, packed, tensors, s.temperature):
-                grads[j] = flat
-                proxy[j] = prox
+            for j, response in enumerate(responses):
+                grads[j], proxy[j] = fresh[response] if response in fresh else cache[response]
             r = rewards_all[idx]
             lengths = torch.tensor([len(x) for x in responses], dtype=torch.float64)
             norm2 = grads.double().pow(2).sum(-1)
@@ -272,8 +285,9 @@ def measure_variance(model, tokenizer, examples: list[dict], scorer, prompt_cfg,
         mean_sq[p] = [float(a.mean.double().pow(2).sum()) for a in accs]
         log(f"prompt {p + 1}/{s.prompts}: {time.perf_counter() - started:.0f}s")
 
-    return summarise(per_prompt, mean_sq, rows, group_lengths, s, dim,
-                     time.perf_counter() - started)
+    result = summarise(per_prompt, mean_sq, rows, group_lengths, s, dim, time.perf_counter() - started)
+    result["distinct_response_share"] = backward_passes / len(batch)
+    return result
 
 
 def summarise(per_prompt: np.ndarray, mean_sq: np.ndarray, rows: dict, group_lengths, s,
@@ -340,6 +354,9 @@ def format_report(result: dict) -> str:
         f"within-group length std {spread['mean_within_group_std']:.2f}, max/min mean "
         f"{spread['mean_max_min_ratio']:.2f} (median {spread['median_max_min_ratio']:.2f}), "
         f"mean length {spread['mean_length']:.1f}, mean reward {result['mean_reward']:.3f}",
+        f"parameters in the gradient {result['settings']['parameters']:,}; distinct responses per "
+        f"prompt {result.get('distinct_response_share', float('nan')):.1%} of those sampled; "
+        f"{result['seconds']:.0f}s",
         "",
         "baselines: " + result["baseline_handling"],
         "variance: " + result["variance_definition"],
