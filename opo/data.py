@@ -519,3 +519,20 @@ class PromptSampler:
 
 __all__ = ["DataError", "Example", "SOURCES", "source", "load_examples", "derive_seed",
            "format_prompt", "PromptSampler"]
+
+
+@source("toy_scratchpad")
+def _load_toy_scratchpad(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
+    """Toy addition where working is optional (opo.scratchpad): same problems and split
+    as toy_addition for the same settings."""
+    from opo.scratchpad import make_scratchpad_examples
+
+    _need_procedural_sizes(cfg)
+    try:
+        held_out = make_scratchpad_examples(cfg.eval_size, derive_seed(cfg.seed, "held_out"),
+                                            **cfg.task_config)
+        train = make_scratchpad_examples(cfg.train_size, cfg.seed, **cfg.task_config)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"data.task_config {cfg.task_config!r} is not valid for toy_scratchpad: "
+                        f"{exc}") from None
+    return _drop_overlap(train, held_out), held_out
