@@ -298,7 +298,7 @@ def summarise(per_prompt: np.ndarray, mean_sq: np.ndarray, rows: dict, group_len
     out: dict = {"trace_cov": {n: float(total[col[n]]) for n in names},
                  "mean_estimate_sq_norm": {n: float(mean_sq[:, col[n]].mean()) for n in names}}
     for n in names:
-        if n == "mean":
+        if n in ("mean", "mean_loo"):
             continue
         ref = "mean_loo" if n.endswith("_loo") else "mean"
         key = f"var_ratio_{n}_vs_{ref}"

@@ -75,3 +75,12 @@ def test_builtin_model_name_resolves():
     from opo.models import resolve_model_dir
 
     assert resolve_model_dir(scratchpad.MODEL_NAME) == str(scratchpad.ASSET_DIR)
+
+
+def test_describe_model_reports_formats_and_spread(micro_model_dir):
+    result = scratchpad.describe_model(micro_model_dir, problems=4, groups=2, group_size=3,
+                                       max_new_tokens=6)
+    for part in ("greedy", "sampled"):
+        assert 0 <= result[part]["accuracy"] <= 1 and 0 <= result[part]["direct_share"] <= 1
+    assert result["length_spread"]["groups"] == 2
+    assert result["length_spread"]["mean_max_min_ratio"] >= 1
