@@ -78,16 +78,17 @@ def _trainable(model, params: Sequence[Tensor] | None) -> list[Tensor]:
 
 
 def per_response_grads(model, packed, params: Sequence[Tensor] | None = None,
-                       temperature: float = 1.0) -> Iterator[tuple[int, Tensor, float, float]]:
-    """For each response i: (i, flat ∇_θ logπ(y_i|x_i) [D] float32, its proxy weight,
-    log π(y_i|x_i)), one forward and backward pass per response.
+                       temperature: float = 1.0, rows: Sequence[int] | None = None
+                       ) -> Iterator[tuple[int, Tensor, float, float]]:
+    """For each response i (every row, or those in ``rows``): (i, flat ∇_θ logπ(y_i|x_i)
+    [D] float32, its proxy weight, log π(y_i|x_i)), one forward and backward pass each.
 
     The gradient is taken over ``params`` (default: every trainable parameter) with
     ``torch.autograd.grad``, so the parameters' ``.grad`` are left untouched. The model is
     used in whatever train/eval mode it is in (it must match the sampling distribution).
     """
     params = _trainable(model, params)
-    for i in range(packed.input_ids.shape[0]):
+    for i in (range(packed.input_ids.shape[0]) if rows is None else rows):
         ids, mask = _row(packed, i)
         logits = model(input_ids=ids.unsqueeze(0)).logits[0, :-1].float() / temperature
         targets = ids[1:]
@@ -102,11 +103,23 @@ def per_response_grads(model, packed, params: Sequence[Tensor] | None = None,
 
 def exact_grad_sq_norm(model, packed, params: Sequence[Tensor] | None = None,
                        temperature: float = 1.0) -> Tensor:
-    """‖∇_θ logπ(y_i|x_i)‖² for every response: [B] float64 on packed's device."""
-    out = torch.zeros(packed.input_ids.shape[0], dtype=torch.float64)
-    for i, flat, _, _ in per_response_grads(model, packed, params, temperature):
-        out[i] = flat.double().pow(2).sum()
-    return out.to(packed.input_ids.device)
+    """‖∇_θ logπ(y_i|x_i)‖² for every response: [B] float64 on packed's device.
+
+    Rows with the same tokens and response mask (a confident policy samples the same
+    response many times) share one backward pass.
+    """
+    n = packed.input_ids.shape[0]
+    keys = []
+    for i in range(n):
+        ids, mask = _row(packed, i)
+        keys.append((tuple(ids.tolist()), tuple(mask.tolist())))
+    first = list(dict.fromkeys(keys))
+    index = {key: j for j, key in enumerate(first)}
+    norms = torch.zeros(len(first), dtype=torch.float64)
+    rows = [keys.index(key) for key in first]
+    for i, flat, _, _ in per_response_grads(model, packed, params, temperature, rows):
+        norms[index[keys[i]]] = flat.double().pow(2).sum()
+    return norms[[index[key] for key in keys]].to(packed.input_ids.device)
 
 
 @torch.no_grad()

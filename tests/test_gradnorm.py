@@ -64,6 +64,34 @@ def test_exact_norm_matches_a_batched_backward(batch):
     assert (got > 0).all()
 
 
+def test_repeated_responses_share_one_backward_pass(micro_policy, monkeypatch):
+    import opo.gradnorm as gn
+
+    model, tokenizer = micro_policy
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts = [enc("12+34=")] * 4 + [enc("5+6=")]
+    responses = [enc(">46"), enc("4,6>46"), enc(">46"), enc(">46"), enc(">46")]
+    packed = pack(prompts, responses, tokenizer.pad_token_id)
+    calls = []
+    real = gn.per_response_grads
+
+    def counting(*args, **kwargs):
+        for item in real(*args, **kwargs):
+            calls.append(item[0])
+            yield item
+
+    monkeypatch.setattr(gn, "per_response_grads", counting)
+    got = gn.exact_grad_sq_norm(model, packed)
+    assert sorted(calls) == [0, 1, 4]  # rows 2 and 3 repeat row 0
+    assert got[0] == got[2] == got[3] and got[0] != got[1]
+    one = pack([prompts[3]], [responses[3]], tokenizer.pad_token_id)
+    assert got[3].item() == pytest.approx(real_norm(model, one), rel=1e-5)
+
+
+def real_norm(model, packed):
+    return next(per_response_grads(model, packed))[1].double().pow(2).sum().item()
+
+
 def test_model_proxy_matches_per_response_proxy(batch):
     model, packed = batch
     batched = model_proxy_grad_sq_norm(model, packed, micro_batch_size=2)
