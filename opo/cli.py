@@ -94,14 +94,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from opo.compare import (CompareError, find_runs, format_table, load_run, plan_grid, run_grid,
-                             select_variants, write_report, build_table)
+    from opo.compare import (CompareError, build_table, find_runs, format_table, load_run, plan_grid,
+                             require_matplotlib, run_grid, select_variants, write_report)
 
     try:
         if args.out:
-            from opo.compare import _pyplot
-
-            _pyplot()  # a missing matplotlib is reported before any run starts
+            require_matplotlib()  # a missing matplotlib is reported before any run starts
         if not args.runs and not args.passk or args.config or args.overrides:
             if args.runs:
                 raise CompareError("give either --runs DIR... or a grid to run (PRESET key=value...), "
@@ -155,6 +153,11 @@ def cmd_variance(args) -> int:
         temperature=args.temperature if args.temperature is not None else cfg.rollout.temperature,
         top_p=cfg.rollout.top_p, max_new_tokens=args.max_new_tokens or cfg.rollout.max_new_tokens,
         seed=args.seed, param_filter=args.params)
+    try:
+        settings.validate()
+    except ValueError as exc:
+        print(f"opo: error: {exc}", file=sys.stderr)
+        return 2
     train, held_out = load_examples(cfg.data)
     examples = held_out if args.split == "held_out" else train
     model, tokenizer = load_policy(args.model or cfg.model.path, cfg.model.dtype, cfg.model.device,
@@ -164,6 +167,9 @@ def cmd_variance(args) -> int:
                           workers=cfg.reward.workers, isolate=cfg.reward.isolate)
     try:
         result = measure_variance(model, tokenizer, examples, scorer, cfg.prompt, settings)
+    except ValueError as exc:  # settings that cannot give a variance (one group, no prompts...)
+        print(f"opo: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         scorer.close()
     result.update(model=args.model or cfg.model.path, preset=cfg.preset,

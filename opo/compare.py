@@ -319,7 +319,7 @@ PLOTS = [("eval_accuracy", "held-out accuracy"), ("entropy", "entropy (nats/toke
          ("response_length_mean", "mean response length (tokens)"), ("reward_mean", "training reward")]
 
 
-def _pyplot():
+def require_matplotlib():
     try:
         import matplotlib
     except ImportError:
@@ -351,7 +351,7 @@ def plot_metric(runs: list[Run], key: str, label: str, path: Path) -> Path:
     """One PNG: `key` against step, one line per variant (mean over seeds) with a band of
     ± one standard deviation over seeds. Per-step training metrics are smoothed with a
     trailing mean over about 1/25 of the steps; held-out accuracy is not smoothed."""
-    plt = _pyplot()
+    plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(7.0, 4.2), dpi=110)
     by_variant: dict[str, list[Run]] = {}
     for run in runs:
@@ -418,7 +418,7 @@ def load_passk(path: str | Path) -> dict:
 
 def plot_passk(curves: list[dict], path: Path) -> Path:
     """pass@k (solid) and maj@k (dashed) against k on a log2 axis, one colour per model."""
-    plt = _pyplot()
+    plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
     labels = [c["label"] for c in curves]
     for c in curves:
@@ -496,7 +496,7 @@ def write_report(runs: list[Run], out: Path, passk_files: list[str] = (), title:
                  reference: str = REFERENCE) -> dict:
     """Write out/table.json, out/*.png and out/report.html; return the table."""
     out.mkdir(parents=True, exist_ok=True)
-    _pyplot()  # fail early and clearly if matplotlib is missing
+    require_matplotlib()  # fail early and clearly if matplotlib is missing
     table = build_table(runs, reference) if runs else None
     images = []
     if runs:

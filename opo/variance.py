@@ -191,6 +191,22 @@ class VarianceSettings:
     seed: int = 0
     param_filter: str = ""      # regex on parameter names; empty = every trainable parameter
 
+    def validate(self) -> None:
+        """ValueError naming the setting when no variance can be measured with these."""
+        if self.prompts < 1:
+            raise ValueError(f"variance needs at least 1 prompt, got --prompts {self.prompts}")
+        if self.groups < 2:
+            raise ValueError(f"variance needs at least 2 groups per prompt, got --groups {self.groups}")
+        if self.group_size < 2:
+            raise ValueError(f"variance needs groups of at least 2 responses, got --k {self.group_size}")
+        if not self.temperature > 0:
+            raise ValueError(f"variance samples at a temperature > 0, got {self.temperature}")
+        if self.param_filter:
+            try:
+                re.compile(self.param_filter)
+            except re.error as exc:
+                raise ValueError(f"--params {self.param_filter!r} is not a regular expression: {exc}") from None
+
 
 def measure_variance(model, tokenizer, examples: list[dict], scorer, prompt_cfg,
                      settings: VarianceSettings, log=print) -> dict:
@@ -207,10 +223,7 @@ def measure_variance(model, tokenizer, examples: list[dict], scorer, prompt_cfg,
     from opo.sequences import pack
 
     s = settings
-    if s.groups < 2:
-        raise ValueError("variance needs at least 2 groups per prompt")
-    if s.group_size < 2:
-        raise ValueError("variance needs groups of at least 2 responses")
+    s.validate()
     examples = examples[:s.prompts]
     if len(examples) < s.prompts:
         raise ValueError(f"asked for {s.prompts} prompts, only {len(examples)} available")

@@ -120,3 +120,11 @@ def test_variance_cli_end_to_end(micro_model_dir, tmp_path, capsys):
     assert all(np.isfinite(v) and v >= 0 for v in tc.values())
     printed = capsys.readouterr().out
     assert "baselines: in-group" in printed and "K-1 responses only" in result["baseline_handling"]
+
+
+def test_variance_cli_rejects_one_group(micro_model_dir, capsys):
+    from opo.cli import main
+
+    assert main(["variance", "--model", str(micro_model_dir), "--prompts", "1", "--groups", "1",
+                 "--threads", "1"]) == 2
+    assert "at least 2 groups" in capsys.readouterr().err
