@@ -378,6 +378,7 @@ def plot_metric(runs: list[Run], key: str, label: str, path: Path) -> Path:
         ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.18, linewidth=0)
         drawn = True
     ax.set_xlabel("step")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel(label)
     note = "" if window == 1 else f", trailing mean over {window} steps"
     ax.set_title(f"{label}: mean over seeds, band ± 1 std{note}", fontsize=9)
