@@ -470,6 +470,14 @@ def html_report(table: dict | None, images: list[tuple[Path, str]], passk: list[
     parts += [f"<p>{html.escape(n)}</p>" for n in notes]
     for path, alt in images:
         parts.append(_png_tag(path, alt))
+    if table is not None:
+        parts.append("<h2>Runs</h2><table><tr><th>run folder</th><th>variant</th><th>seed</th>"
+                     "<th>steps</th><th>initial acc</th><th>final acc</th><th>wall s</th></tr>")
+        for r in table["runs"]:
+            parts.append(f"<tr><td>{html.escape(r['path'])}</td><td>{html.escape(r['variant'])}</td>"
+                         f"<td>{r['seed']}</td><td>{r['steps']}</td><td>{r['initial_accuracy']:.3f}</td>"
+                         f"<td>{r['final_accuracy']:.3f}</td><td>{r['wall_seconds']:.0f}</td></tr>")
+        parts.append("</table>")
     if passk:
         parts.append("<h2>pass@k</h2><table><tr><th>model</th>"
                      + "".join(f"<th>k={k}</th>" for k in passk[0]["k"]) + "</tr>")

@@ -111,6 +111,7 @@ def test_report_is_self_contained(grid, tmp_path, capsys):
         assert (out / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert page.count("data:image/png;base64,") == 6
     assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert page.count(str(grid)) == 7  # the runs table lists every run folder
     table = json.loads((out / "table.json").read_text())
     assert {v["variant"] for v in table["variants"]} == {"opo", "grpo", "grpo_offpolicy"}
     assert table["passk"][0]["k"] == [1, 4, 16] and table["passk"][1]["label"] == "runs/x/final"
