@@ -257,6 +257,11 @@ def build_table(runs: list[Run], reference: str = REFERENCE) -> dict:
                 {r.seed: figures[id(r)]["final_accuracy"] for r in group}, ref_final)
             row["auc_accuracy_vs_reference"] = paired_difference(
                 {r.seed: figures[id(r)]["auc_accuracy"] for r in group}, ref_auc)
+            # The paper's other claims (KL, entropy, repetition) are paired the same way.
+            row["paired_vs_reference"] = {
+                key: paired_difference({r.seed: figures[id(r)][key] for r in group},
+                                       {r.seed: figures[id(r)][key] for r in by_variant[reference]})
+                for key in TABLE_FIELDS}
         variants.append(row)
     return {"reference": reference, "variants": variants,
             "runs": [{"path": str(r.path), "variant": r.variant, "seed": r.seed, **figures[id(r)]}
@@ -466,6 +471,16 @@ def html_report(table: dict | None, images: list[tuple[Path, str]], passk: list[
                      + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr>")
         for r in rows[1:]:
             parts.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>")
+        parts.append("</table>")
+    paired = [row for row in (table or {}).get("variants", []) if "paired_vs_reference" in row]
+    if paired:
+        parts.append(f"<h2>Paired differences from {html.escape(table['reference'])} (mean ± SE "
+                     "[95% bootstrap CI], same seeds)</h2><table><tr><th>variant</th>"
+                     + "".join(f"<th>{html.escape(k)}</th>" for k in TABLE_FIELDS[1:]) + "</tr>")
+        for row in paired:
+            parts.append(f"<tr><td>{html.escape(row['variant'])}</td>" + "".join(
+                f"<td>{html.escape(_diff(row['paired_vs_reference'][k]))}</td>" for k in TABLE_FIELDS[1:])
+                + "</tr>")
         parts.append("</table>")
     parts += [f"<p>{html.escape(n)}</p>" for n in notes]
     for path, alt in images:

@@ -36,7 +36,7 @@ def grid(tmp_path):
     root = tmp_path / "runs"
     for seed, (a, b) in enumerate([(0.5, 0.6), (0.6, 0.6), (0.7, 0.9)]):
         fake_run(root, f"opo-{seed}", "opo", seed, [0.3, a, a], step0_row=seed == 0)
-        fake_run(root, f"grpo-{seed}", "grpo", seed, [0.3, b, b])
+        fake_run(root, f"grpo-{seed}", "grpo", seed, [0.3, b, b], entropy=1.2)
     fake_run(root, "off-0", "grpo", 0, [0.3, 0.4, 0.5], updates=4)
     return root
 
@@ -65,6 +65,10 @@ def test_table_pairs_by_seed(grid):
     assert diff["n"] == 3 and diff["mean"] == pytest.approx(0.1)
     assert diff["se"] == pytest.approx(0.1 / math.sqrt(3))
     assert diff["ci95"][0] <= 0.1 <= diff["ci95"][1]
+    # entropy: opo runs 1.0 - 0.01 step, grpo 1.2 - 0.01 step: paired difference 0.2, SE 0
+    assert by["grpo"]["paired_vs_reference"]["entropy"]["mean"] == pytest.approx(0.2)
+    assert by["grpo"]["paired_vs_reference"]["entropy"]["se"] == pytest.approx(0.0, abs=1e-12)
+    assert by["grpo"]["paired_vs_reference"]["wall_seconds"]["mean"] == pytest.approx(0.0)
     off = by["grpo_offpolicy"]["final_accuracy_vs_reference"]
     assert off["n"] == 1 and off["mean"] == pytest.approx(0.5 - 0.5) and math.isnan(off["se"])
     text = compare.format_table(table)
@@ -112,6 +116,7 @@ def test_report_is_self_contained(grid, tmp_path, capsys):
     assert page.count("data:image/png;base64,") == 6
     assert "http://" not in page and "https://" not in page and "<script" not in page
     assert page.count(str(grid)) == 7  # the runs table lists every run folder
+    assert "Paired differences from opo" in page
     table = json.loads((out / "table.json").read_text())
     assert {v["variant"] for v in table["variants"]} == {"opo", "grpo", "grpo_offpolicy"}
     assert table["passk"][0]["k"] == [1, 4, 16] and table["passk"][1]["label"] == "runs/x/final"
