@@ -6,16 +6,11 @@ import argparse
 import difflib
 import json
 import sys
-import time
 from pathlib import Path
 
 from opo.config import ConfigError, allowed_values, apply_overrides, field_docs, list_presets, load_config
 
 USAGE_ERRORS = (ConfigError, ValueError, FileNotFoundError)
-
-
-def _default_run_dir(cfg) -> str:
-    return f"runs/{cfg.preset}-{cfg.algo.estimator}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def cmd_train(args) -> int:
@@ -32,7 +27,6 @@ def cmd_train(args) -> int:
         if source and "=" in source:  # `opo train key=value ...` with the default preset
             source, overrides = None, [source, *overrides]
         cfg = load_config(source or "tiny", overrides)
-        cfg.run.dir = cfg.run.dir or _default_run_dir(cfg)
     train(cfg, resume=bool(args.resume))
     return 0
 
@@ -61,61 +55,19 @@ def _parse_k(text: str) -> list[int]:
 
 
 def eval_config(args):
-    """The Config `opo eval` runs with: preset (or defaults), then flags, then --set.
+    """The Config `opo eval` runs with (see opo.evaluation.eval_settings); ConfigError for bad flags."""
+    from opo.evaluation import eval_settings
 
-    A preset's task settings (task_config, reward, instruction) belong to its own task: when
-    --task/--data names a different one, those come from the new source's defaults instead
-    (opo.data.SourceDefaults). Raises ConfigError for any bad flag.
-    """
-    from opo.config import Config
-    from opo.data import SOURCES, source_defaults
-
-    cfg = load_config(args.preset) if args.preset else Config()
-    preset_task = (cfg.data.source, cfg.data.task) if args.preset else None
-    if args.task and args.data:
-        raise ConfigError("give --task or --data, not both")
-    if args.task:
-        builtin = args.task in SOURCES and args.task != "reasoning_gym"
-        cfg.data.source, cfg.data.task = (args.task, "") if builtin else ("reasoning_gym", args.task)
-    if args.data:
-        cfg.data.source, cfg.data.task = args.data, ""
-    if (cfg.data.source, cfg.data.task) != preset_task:
-        defaults = source_defaults(cfg.data.source)
-        cfg.data.task_config = {}
-        cfg.reward.kind = defaults.reward
-        cfg.prompt.instruction = defaults.instruction
-    if args.task_config is not None:
-        cfg.data.task_config = _parse_task_config(args.task_config)
-    if args.reward:
-        cfg.reward.kind = args.reward
-    if args.model:
-        cfg.model.path = args.model
-    if args.n is not None:
-        cfg.eval.samples = args.n
-    if args.k is not None:
-        cfg.eval.k = _parse_k(args.k)
-        cfg.eval.samples = max(cfg.eval.samples, *cfg.eval.k)
-    if args.temperature is not None:
-        cfg.eval.temperature = args.temperature
-    elif cfg.eval.samples > 1 and cfg.eval.temperature == 0:
-        cfg.eval.temperature = 1.0  # n identical greedy samples would measure nothing
-    if args.top_p is not None:
-        cfg.eval.top_p = args.top_p
-    if args.max_new_tokens is not None:
-        cfg.eval.max_new_tokens = args.max_new_tokens
-    if args.batch is not None:
-        cfg.eval.batch_size = args.batch
     if args.limit is not None and args.limit < 0:
         raise ConfigError(f"--limit: use an integer >= 0 (0 = all held-out problems), got {args.limit}")
     if args.show < 0:
         raise ConfigError(f"--show: use an integer >= 0, got {args.show}")
-    try:
-        return apply_overrides(cfg, args.set)  # --set wins over everything; validates
-    except ConfigError as exc:
-        close = difflib.get_close_matches(args.task or "", [s for s in SOURCES if s != "reasoning_gym"], n=1)
-        if args.task and close and args.task not in SOURCES:
-            raise ConfigError(f"{exc} (or did you mean --task {close[0]}?)") from None
-        raise
+    return eval_settings(
+        model=args.model, preset=args.preset, task=args.task, data=args.data,
+        task_config=None if args.task_config is None else _parse_task_config(args.task_config),
+        reward=args.reward, samples=args.n, k=None if args.k is None else _parse_k(args.k),
+        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+        batch=args.batch, overrides=args.set)
 
 
 def _clip(text: str, limit: int) -> str:
@@ -132,34 +84,11 @@ def _print_sample(record: dict) -> None:
 
 
 def cmd_eval(args) -> int:
-    import random
-
-    import numpy as np
-    import torch
     from tqdm.auto import tqdm
 
-    from opo.data import load_split, uses_chat_template
-    from opo.evaluate import eval_max_new_tokens, evaluate
-    from opo.models import eos_ids, load_policy
-    from opo.rewards import RewardScorer
-    from opo.rollout import make_engine
+    from opo.evaluation import run_evaluation
 
     cfg = eval_config(args)
-    split = load_split(cfg.data)
-    held_out = split.held_out[:args.limit] if args.limit else split.held_out
-    model, tokenizer = load_policy(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.cache_dir)
-    engine = make_engine(cfg.rollout.engine, model, tokenizer, eos_ids(model, tokenizer),
-                         cfg.rollout.batch_size)
-    max_new_tokens = eval_max_new_tokens(cfg, tokenizer)
-    task = cfg.data.task or cfg.data.source
-    template = "chat" if uses_chat_template(tokenizer, cfg.prompt) else "plain"
-    print(f"opo eval: {cfg.model.path} on {task}, {len(held_out)} of {len(split.held_out)} held-out "
-          f"problems; reward {cfg.reward.kind} (answer_format {cfg.reward.answer_format}), "
-          f"{template} prompt, at most {max_new_tokens} new tokens", file=sys.stderr)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-
     shown: list[dict] = []
     samples_file = None
     if args.samples_out:
@@ -173,19 +102,15 @@ def cmd_eval(args) -> int:
             shown.append(record)
 
     try:
-        with RewardScorer.from_config(cfg.reward) as scorer, \
-                tqdm(total=len(held_out), desc="opo eval", unit="problem") as bar:
-            result = evaluate(engine, tokenizer, held_out, scorer, cfg.prompt, samples=cfg.eval.samples,
-                              temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, k=cfg.eval.k,
-                              max_new_tokens=max_new_tokens, chunk=cfg.eval.batch_size,
-                              progress=lambda done, total: bar.update(done - bar.n), on_sample=on_sample)
+        with tqdm(desc="opo eval", unit="problem") as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+            result = run_evaluation(cfg, limit=args.limit or 0, seed=args.seed, on_sample=on_sample,
+                                    progress=progress, log=lambda m: print(m, file=sys.stderr))
     finally:
         if samples_file:
             samples_file.close()
-    result.update(model=cfg.model.path, task=task, reward=cfg.reward.kind,
-                  answer_format=cfg.reward.answer_format, prompt=template,
-                  temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
-                  max_new_tokens=max_new_tokens, seed=args.seed)
     for record in shown:
         _print_sample(record)
     print(f"\n{'metric':<15}value")
@@ -275,8 +200,7 @@ def cmd_variance(args) -> int:
     model, tokenizer = load_policy(args.model or cfg.model.path, cfg.model.dtype, cfg.model.device,
                                    cfg.model.cache_dir)
     model.eval()  # dropout off: the gradients are those of the distribution we sample
-    scorer = RewardScorer(kind=cfg.reward.kind, timeout_s=cfg.reward.timeout_s,
-                          workers=cfg.reward.workers, isolate=cfg.reward.isolate)
+    scorer = RewardScorer.from_config(cfg.reward)
     try:
         result = measure_variance(model, tokenizer, examples, scorer, cfg.prompt, settings)
     except ValueError as exc:  # settings that cannot give a variance (one group, no prompts...)

@@ -31,7 +31,7 @@ from opo.advantages import compute_advantages
 from opo.checkpoint import RunState
 from opo.config import Config, apply_overrides, dump_yaml, from_dict, read_yaml
 from opo.data import PromptSampler, derive_seed, encode_prompts, load_split
-from opo.evaluate import evaluate
+from opo.evaluation import evaluate
 from opo.metrics import KLProbe, repetition_counts
 from opo.models import eos_ids, load_policy
 from opo.rewards import RewardScorer
@@ -123,6 +123,10 @@ def lr_lambda(cfg: Config):
     return factor
 
 
+def default_run_dir(cfg: Config) -> str:
+    return f"runs/{cfg.preset}-{cfg.algo.estimator}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -186,7 +190,8 @@ def _train(cfg: Config, resume: bool, log, world: parallel.World) -> dict:
 def set_up(cfg: Config, resume: bool, log, world: parallel.World = parallel.SINGLE) -> Run:
     """Load model, data, reward, engine and optimiser; restore a checkpoint when resuming."""
     parallel.check_config(world, cfg)
-    cfg.run.dir = world.broadcast_json(cfg.run.dir)  # a default name holds a timestamp: use rank 0's
+    # An empty run.dir gets a name with a timestamp; every rank uses rank 0's.
+    cfg.run.dir = world.broadcast_json(cfg.run.dir or default_run_dir(cfg))
     run_dir = Path(cfg.run.dir)
     if not resume and ckpt.list_checkpoints(run_dir):
         raise TrainingError(f"{run_dir} already holds checkpoints; continue it with "

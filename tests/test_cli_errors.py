@@ -29,7 +29,7 @@ CASES = [
     (["eval", "--task-config", "{min_terms: 2}"], ["--task-config", "not valid JSON"]),
     (["eval", "--task-config", "[1, 2]"], ["--task-config", "JSON object"]),
     (["eval", "--task", "chain_summ"], ["did you mean chain_sum"]),
-    (["eval", "--task", "chmp"], ["did you mean --task champ"]),
+    (["eval", "--task", "chmp"], ["did you mean task champ"]),
     (["eval", "--data", "no/such/file.jsonl"], ["no/such/file.jsonl", "existing path"]),
     (["eval", "--k", "1,four"], ["--k", "1,four"]),
     (["eval", "--n", "0"], ["eval.samples"]),

@@ -30,7 +30,7 @@ def test_shipped_tiny_model_solves_some_but_not_all(tmp_path):
 
 def test_eval_rejects_k_above_n(micro_model_dir):
     with pytest.raises(ValueError, match="between 1 and samples"):
-        from opo.evaluate import evaluate
+        from opo.evaluation import evaluate
         evaluate(None, None, [], None, None, samples=2, k=[4])
 
 
@@ -111,7 +111,7 @@ def test_eval_token_limit_follows_source_and_prompt():
     from types import SimpleNamespace
 
     from opo.config import load_config
-    from opo.evaluate import eval_max_new_tokens
+    from opo.evaluation import eval_max_new_tokens
 
     chat, plain = SimpleNamespace(chat_template="{{ x }}"), SimpleNamespace(chat_template=None)
     cfg = load_config("tiny", ["prompt.template=auto"])
@@ -143,7 +143,7 @@ class _FixedEngine:
 
 def test_evaluate_passes_truncation_to_the_reward(micro_policy):
     from opo.config import PromptConfig
-    from opo.evaluate import evaluate
+    from opo.evaluation import evaluate
     from opo.rewards import RewardScorer
 
     _, tokenizer = micro_policy
