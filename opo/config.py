@@ -53,7 +53,10 @@ class DataConfig:
                             "fields, or toy_addition's min_digits/max_digits).", factory=dict)
     train_size: int = doc("Number of training problems generated (procedural sources) or kept "
                           "(files; 0 = all that remain after the held-out split).", 20000)
-    eval_size: int = doc("Number of held-out problems, split off deterministically.", 200)
+    eval_size: int = doc("Number of held-out problems, split off deterministically. 0 = auto: 200, "
+                         "but for a file or CHAMP at most 10% of its rows (the start-up line says "
+                         "when that cap applied), and for a saved DatasetDict with a test split "
+                         "up to 200 of the test rows.", 0)
     seed: int = doc("Seed for generating and splitting the data.", 1234)
     question_field: str = doc("Field holding the question in file sources.", "question")
     answer_field: str = doc("Field holding the gold answer in file sources.", "answer")
@@ -133,9 +136,11 @@ class OptimConfig:
 
 @dataclass
 class RewardConfig:
-    kind: str = doc("`exact_match` (last number or text after the answer marker), `math_verify`, "
-                    "`reasoning_gym` (the task's own scorer), or `module:function` for a user "
-                    "function f(prompt, response, example) -> float.", "exact_match")
+    kind: str = doc("`exact_match` (the answer compared as text or number), `math_verify` "
+                    "(mathematical equivalence), `reasoning_gym` (the task's own scorer), or "
+                    "`module:function` for a user function f(prompt, response, example) -> float; "
+                    "the module is looked for in the current directory, then on sys.path.",
+                    "exact_match")
     format_weight: float = doc("Weight of a format reward (1 when a final answer could be "
                                "extracted); 0 disables it.", 0.0)
     timeout_s: float = doc("Hard time limit per reward check, in seconds (isolated rewards).", 5.0)
@@ -143,6 +148,19 @@ class RewardConfig:
     isolate: Literal["auto", "always", "never"] = doc(
         "Run checks in killable worker processes. `auto` isolates math_verify and user "
         "functions and runs the built-in string checks in-process.", "auto")
+    partial_credit: bool = doc(
+        "Keep fractional scores (reasoning-gym's scorers give e.g. 0.5 for '17' when the "
+        "answer is 7). false makes every reward 1 (a full score) or 0, so reward and accuracy "
+        "agree.", False)
+    answer_format: Literal["auto", "boxed", "last_number"] = doc(
+        "Which answers count (exact_match, math_verify, reasoning_gym). `boxed`: only the last "
+        "\\boxed{}. `last_number`: the last box, else the last number (or, for a non-numeric "
+        "gold answer, the text after the last 'Answer:'), anywhere in the response. `auto`: the "
+        "last box; an unboxed answer only in a response of at most 200 characters that did not "
+        "hit the token limit.", "auto")
+    truncated: Literal["score", "zero"] = doc(
+        "A response that hit the token limit: `score` scores it like any other, `zero` gives it "
+        "reward 0 (DAPO-style overlong filtering).", "score")
 
 
 @dataclass
@@ -174,8 +192,13 @@ class TrainerConfig:
 class EvalConfig:
     samples: int = doc("Samples per held-out problem; 1 with temperature 0 is greedy accuracy.", 1)
     temperature: float = doc("Sampling temperature for evaluation; 0 is greedy.", 0.0)
-    k: list = doc("pass@k values reported (each <= samples).", factory=lambda: [1])
-    batch_size: int = doc("Sequences generated at once in evaluation.", 256)
+    top_p: float = doc("Nucleus sampling threshold for evaluation; 1.0 disables it.", 1.0)
+    k: list = doc("pass@k and maj@k values reported (each <= samples).", factory=lambda: [1])
+    batch_size: int = doc("Problems generated at once in evaluation; 0 = all at once.", 256)
+    max_new_tokens: int = doc("Response length limit in evaluation. 0 = in `opo train`, "
+                              "rollout.max_new_tokens (evaluate what is trained); in `opo eval`, "
+                              "the data source's default: 256 (reasoning-gym; toy_addition with a "
+                              "chat model), 512 (CHAMP, files), 32 (toy_addition, plain prompts).", 0)
 
 
 @dataclass
@@ -341,9 +364,9 @@ COUNT_LIMITS = {
     "rollout.prompts_per_step": 1, "rollout.samples_per_prompt": 1, "rollout.max_new_tokens": 1,
     "rollout.batch_size": 0, "algo.updates_per_batch": 1, "algo.micro_batch_size": 0,
     "algo.max_tokens_per_micro_batch": 0, "algo.logprob_chunk_size": 0, "data.train_size": 0,
-    "data.eval_size": 1, "trainer.steps": 0, "trainer.eval_every": 0, "trainer.max_bad_steps": 1,
+    "data.eval_size": 0, "trainer.steps": 0, "trainer.eval_every": 0, "trainer.max_bad_steps": 1,
     "trainer.threads": 0, "trainer.log_every": 1, "trainer.warn_no_signal_steps": 0,
-    "eval.samples": 1, "eval.batch_size": 1, "metrics.kl_probe_size": 0,
+    "eval.samples": 1, "eval.batch_size": 0, "metrics.kl_probe_size": 0,
     "metrics.repetition_ngram": 1, "checkpoint.every": 0, "checkpoint.keep": 1, "reward.workers": 1,
 }
 
@@ -382,6 +405,51 @@ def validate(cfg: Config) -> None:
         need(isinstance(k, int) and 1 <= k <= cfg.eval.samples, "eval.k",
              f"use integers between 1 and eval.samples ({cfg.eval.samples})", cfg.eval.k)
     need(cfg.reward.timeout_s > 0, "reward.timeout_s", "use a number > 0", cfg.reward.timeout_s)
+    _validate_data_reward_eval(cfg, need)
+
+
+# ----- data, reward and evaluation checks (kept together; they may import opo.data / opo.rewards)
+
+def _validate_data_reward_eval(cfg: Config, need) -> None:
+    """Checks of data.*, reward.* and eval.* that must fail before any model loads."""
+    need(cfg.data.eval_size >= 0, "data.eval_size", "use an integer >= 0 (0 = auto)",
+         cfg.data.eval_size)
+    need(cfg.data.train_size >= 0, "data.train_size", "use an integer >= 0", cfg.data.train_size)
+    need(cfg.eval.batch_size >= 0, "eval.batch_size", "use an integer >= 0 (0 = all at once)",
+         cfg.eval.batch_size)
+    need(cfg.eval.max_new_tokens >= 0, "eval.max_new_tokens", "use an integer >= 0 (0 = a default)",
+         cfg.eval.max_new_tokens)
+    need(cfg.eval.temperature >= 0, "eval.temperature", "use a number >= 0 (0 = greedy)",
+         cfg.eval.temperature)
+    need(0 < cfg.eval.top_p <= 1, "eval.top_p", "use a number in (0, 1]", cfg.eval.top_p)
+    _check_reward_kind(cfg.reward.kind)
+    _check_data_source(cfg.data)
+
+
+def _check_reward_kind(kind: str) -> None:
+    from opo.rewards import REWARDS, load_user_reward
+
+    if ":" in kind:
+        try:
+            load_user_reward(kind)  # imports the module now, before any model loads
+        except ValueError as exc:
+            raise ConfigError(f"reward.kind: {exc}") from None
+    elif kind not in REWARDS:
+        close = difflib.get_close_matches(kind, sorted(REWARDS), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"reward.kind: {kind!r} is not a reward kind; {hint}use one of "
+                          + ", ".join(sorted(REWARDS)) + ", or module:function for your own")
+
+
+def _check_data_source(data: DataConfig) -> None:
+    from opo.data import SOURCES, DataError, check_task, unknown_source_message
+
+    if data.source not in SOURCES and not Path(data.source).expanduser().exists():
+        raise ConfigError(unknown_source_message(data.source))
+    try:
+        check_task(data)  # a reasoning-gym task name (imports reasoning_gym, a few seconds)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def to_dict(cfg: Config) -> dict:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from fractions import Fraction
 from math import comb
 
 import torch
@@ -23,17 +23,58 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def maj_at_k(answers: list[str | None], correct: list[bool], k: int) -> float:
-    """1.0 when the most common extracted answer among the first k samples is correct.
+    """Unbiased maj@k from n samples: the expected correctness of a majority vote among k
+    samples drawn without replacement from the n, averaged exactly over all C(n, k) draws.
 
-    Ties go to the answer seen first; samples without an extracted answer do not vote.
+    answers[i] is sample i's extracted answer (already normalised: votes count equal
+    strings) or None, and None does not vote; a draw in which nobody votes scores 0. A tie
+    for the most votes is broken uniformly at random, so a tie between a right and a wrong
+    answer counts 1/2. An answer's correctness is the share of its samples judged correct
+    (they agree unless the reward looked beyond the answer, e.g. at truncation).
+
+    Cost: for each answer judged right at least once, a dynamic programme over the other
+    answers' vote counts, polynomial in n (milliseconds for n = 64).
     """
-    votes = [(a, ok) for a, ok in zip(answers[:k], correct[:k]) if a is not None]
-    if not votes:
-        return 0.0
-    counts = Counter(a for a, _ in votes)
-    best = max(counts.values())
-    winner = next(a for a, _ in votes if counts[a] == best)
-    return float(next(ok for a, ok in votes if a == winner))
+    n = len(answers)
+    if len(correct) != n:
+        raise ValueError(f"maj@k needs one correctness flag per answer, got {len(correct)} for {n}")
+    if not 1 <= k <= n:
+        raise ValueError(f"maj@k needs 1 <= k <= n, got k={k}, n={n}")
+    groups: dict[str, list[bool]] = {}
+    for answer, ok in zip(answers, correct):
+        if answer is not None:
+            groups.setdefault(answer, []).append(bool(ok))
+    silent = n - sum(len(g) for g in groups.values())
+    counts = {a: len(g) for a, g in groups.items()}
+    total = Fraction(0)
+    for answer, flags in groups.items():
+        share = Fraction(sum(flags), len(flags))
+        if share:
+            others = [c for a, c in counts.items() if a != answer]
+            total += share * _weighted_wins(counts[answer], others, silent, k)
+    return float(total / comb(n, k))
+
+
+def _weighted_wins(c: int, others: list[int], silent: int, k: int) -> Fraction:
+    """Sum over k-subsets of 1/(number of answers tied for the most votes), counting only the
+    subsets in which the answer with `c` samples is among them (others: the other answers'
+    sample counts; silent: samples without an answer)."""
+    total = Fraction(0)
+    for v in range(1, min(c, k) + 1):  # v = votes the answer gets in the subset
+        rest = k - v
+        # ways[(s, t)]: ways to draw s samples from the groups seen so far with every other
+        # answer at most v votes, t of them exactly v (tied with ours).
+        ways = {(s, 0): comb(silent, s) for s in range(min(silent, rest) + 1)}
+        for size in others:
+            new: dict[tuple[int, int], int] = {}
+            for (s, t), w in ways.items():
+                for x in range(min(size, v, rest - s) + 1):
+                    key = (s + x, t + (x == v))
+                    new[key] = new.get(key, 0) + w * comb(size, x)
+            ways = new
+        picks = comb(c, v)
+        total += sum(Fraction(picks * w, t + 1) for (s, t), w in ways.items() if s == rest)
+    return total
 
 
 def repetition_rate(responses: list[list[int]], n: int = 4) -> float:

@@ -30,7 +30,7 @@ from opo import parallel
 from opo.advantages import compute_advantages
 from opo.checkpoint import RunState
 from opo.config import Config, apply_overrides, dump_yaml, from_dict, read_yaml
-from opo.data import PromptSampler, derive_seed, encode_prompts, load_examples
+from opo.data import PromptSampler, derive_seed, encode_prompts, load_split
 from opo.evaluate import evaluate
 from opo.metrics import KLProbe, repetition_counts
 from opo.models import eos_ids, load_policy
@@ -95,8 +95,9 @@ class Run:
         e, mine = self.cfg.eval, self.world.split(self.held_out)
         with parallel.gathered(self.policy):
             result = evaluate(self.engine, self.tokenizer, mine, self.scorer, self.cfg.prompt,
-                              samples=e.samples, temperature=e.temperature, k=e.k,
-                              max_new_tokens=self.cfg.rollout.max_new_tokens, chunk=e.batch_size) if mine else {}
+                              samples=e.samples, temperature=e.temperature, top_p=e.top_p, k=e.k,
+                              max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens,
+                              chunk=e.batch_size) if mine else {}
         return self.world.mean_over_ranks(result, len(mine), totals=("problems", "reward_errors"))
 
     def save(self) -> None:
@@ -196,11 +197,10 @@ def set_up(cfg: Config, resume: bool, log, world: parallel.World = parallel.SING
         torch.set_num_threads(cfg.trainer.threads)
     # Rank 0 keeps the single-process seed; other ranks sample their own responses.
     seed_everything(cfg.trainer.seed if world.is_main else derive_seed(cfg.trainer.seed, f"rank {world.rank}"))
-    train_set, held_out = load_examples(cfg.data)
-    log(f"data: {len(train_set)} training problems, {len(held_out)} held-out")
-    scorer = RewardScorer(kind=cfg.reward.kind, format_weight=cfg.reward.format_weight,
-                          timeout_s=cfg.reward.timeout_s, workers=cfg.reward.workers,
-                          isolate=cfg.reward.isolate)
+    split = load_split(cfg.data)
+    train_set, held_out = split.train, split.held_out
+    log(split.summary())
+    scorer = RewardScorer.from_config(cfg.reward)
     model, tokenizer = load_policy(cfg.model.path, cfg.model.dtype, world.device, cfg.model.cache_dir)
     if cfg.model.gradient_checkpointing:
         # HF only checkpoints activations in train() mode; dropout is off (see load_policy),
@@ -256,7 +256,7 @@ def train_step(run: Run) -> dict:
                             f"{batch.policy_version}; the weights are at version {state.policy_version}")
     with timer("reward"):
         rewards = run.scorer.score([prompt_texts[g] for g in batch.group_ids], batch.texts,
-                                   [examples[g] for g in batch.group_ids])
+                                   [examples[g] for g in batch.group_ids], truncated=batch.truncated)
     if rewards.errors and not any(row.get("reward_errors") for row in state.rows):
         run.log(f"step {state.step + 1}: {rewards.errors} reward checks failed and scored 0 "
                 f"({rewards.timeouts} timeouts); first: {rewards.error_messages[0]}")

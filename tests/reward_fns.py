@@ -42,6 +42,12 @@ def even_length(prompt, response, example):
     return float(len(response) % 2 == 0)
 
 
-def even_length(prompt, response, example):
-    """1.0 for a response of even length: a signal any model, even a random one, gets about half the time."""
-    return float(len(response) % 2 == 0)
+def sees_options(prompt, response, example, *, truncated=False, answer_format="auto"):
+    """1.0 when the scorer said the response was truncated; checks the format arrived too."""
+    assert answer_format in ("auto", "boxed", "last_number")
+    return 1.0 if truncated else 0.0
+
+
+def graded(prompt, response, example):
+    """A user reward with partial scores: the response is the score."""
+    return float(response)

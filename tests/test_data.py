@@ -431,3 +431,59 @@ def test_auto_picks_chat_only_when_template_exists():
 def test_chat_without_template_is_an_error():
     with pytest.raises(DataError, match="no chat template"):
         format_prompt(NoTemplateTokenizer(), "q", PromptConfig(template="chat"))
+
+
+# --------------------------------------------------------------------------- held-out size, defaults
+
+@pytest.mark.parametrize("n_rows, eval_size, held, capped", [
+    (300, 0, 30, True),     # auto: 10% of a small file, so 270 rows stay for training
+    (5000, 0, 200, False),  # auto: the usual 200 once a file is large enough
+    (12, 0, 1, True),       # at least one held-out problem
+    (300, 50, 50, False),   # an explicit size is used as given
+])
+def test_auto_held_out_size_caps_small_files_and_says_so(tmp_path, n_rows, eval_size, held, capped):
+    from opo.data import load_split
+
+    path = write_jsonl(tmp_path / "d.jsonl", rows(n_rows))
+    split = load_split(cfg_for(path, eval_size=eval_size))
+    assert len(split.held_out) == held and len(split.train) == n_rows - held
+    assert bool(split.note) == capped
+    summary = split.summary()
+    assert f"{n_rows - held} training and {held} held-out" in summary
+    if capped:
+        assert "10%" in summary and f"{n_rows} rows" in summary and "data.eval_size" in summary
+
+
+def test_auto_held_out_size_for_generated_sources_and_test_splits(tmp_path):
+    from opo.data import load_split
+
+    split = load_split(DataConfig(source="toy_addition", train_size=50))
+    assert len(split.held_out) == 200 and split.note == ""
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is not installed")
+    root = tmp_path / "dd"
+    save_like_datasets(pa, root / "train", rows(10))
+    save_like_datasets(pa, root / "test", rows(5, start=100))
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    split = load_split(cfg_for(root, eval_size=0))
+    assert len(split.held_out) == 5 and len(split.train) == 10
+    assert "whole test split of 5 rows" in split.note
+
+
+def test_each_source_carries_its_natural_reward():
+    from opo.data import source_defaults
+
+    assert source_defaults("toy_addition").reward == "exact_match"
+    assert source_defaults("reasoning_gym").reward == "reasoning_gym"
+    assert source_defaults("champ").reward == "math_verify"
+    assert source_defaults("data/my_maths.jsonl").reward == "math_verify"
+    assert "boxed" in source_defaults("champ").instruction
+    assert source_defaults("champ").max_new_tokens >= 256
+    assert source_defaults("toy_addition").plain_max_new_tokens == 32
+
+
+def test_a_registered_loader_may_return_a_plain_pair(monkeypatch):
+    from opo.data import SOURCES, load_split
+
+    monkeypatch.setitem(SOURCES, "pairs", lambda cfg: ([{"question": "a", "answer": "1", "meta": {}}], []))
+    split = load_split(DataConfig(source="pairs"))
+    assert len(split.train) == 1 and split.held_out == [] and split.note == ""

@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opo.rewards import (REWARDS, IsolatedPool, RewardScorer, exact_match, extract_boxed,
-                         extract_final_answer, format_reward, load_user_reward, math_equivalent)
+from opo.rewards import (AUTO_BARE_MAX_CHARS, REWARDS, IsolatedPool, RewardScorer, committed_answer,
+                         exact_match, extract_boxed, extract_final_answer, format_reward,
+                         load_user_reward, math_equivalent)
 
 # Workers start with the parent's sys.path, so this makes tests/reward_fns.py importable there.
 TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -92,10 +93,13 @@ def test_no_fallback_and_bad_fallback():
     "a " * (MEGABYTE // 2),
 ])
 def test_extraction_is_fast_on_a_megabyte(text):
+    # A quadratic path on a megabyte is ~1e12 steps (hours); a linear one takes well under a
+    # second. The bound is loose so that a busy machine cannot fail it, yet no quadratic
+    # path could pass it.
     start = time.monotonic()
     for fallback in ("last_number", "after_marker"):
         extract_final_answer(text, fallback)
-    assert time.monotonic() - start < 2.0  # a sanity bound against quadratic paths
+    assert time.monotonic() - start < 60.0
 
 
 @settings(max_examples=200, deadline=None)
@@ -340,3 +344,125 @@ def test_reasoning_gym_kind_needs_its_metadata():
     with pytest.raises(ValueError, match="rg_task"):
         RewardScorer(kind="reasoning_gym").score(["p"], ["1"], [ex("1")])
 
+
+
+# --------------------------------------------------------------------------- reward semantics
+
+LONG_REASONING = "Let me think. " * 20  # 280 characters: past the auto format's bare-answer limit
+
+
+@pytest.mark.parametrize("response, fmt, truncated, expected", [
+    ("it is 5", "auto", False, "5"),                 # short and complete: a bare number counts
+    ("it is 5", "auto", True, None),                 # cut off: the number may be mid-thought
+    (LONG_REASONING + "so 5", "auto", False, None),  # long: the last number may be a step
+    (LONG_REASONING + r"\boxed{5}", "auto", True, "5"),  # a box always counts
+    ("it is 5", "boxed", False, None),
+    (r"so \boxed{5} then 6", "boxed", False, "5"),
+    ("it is 5", "last_number", True, "5"),           # today's behaviour: anything goes
+    (LONG_REASONING + "so 5", "last_number", False, "5"),
+])
+def test_committed_answer_follows_the_answer_format(response, fmt, truncated, expected):
+    assert committed_answer(response, "last_number", fmt, truncated) == expected
+
+
+def test_auto_format_limit_is_on_characters_of_the_stripped_response():
+    short = "x" * (AUTO_BARE_MAX_CHARS - 1) + "5"
+    assert committed_answer("  \n" + short + "\n\n", "last_number") == "5"
+    assert committed_answer(short + "7", "last_number") is None
+    with pytest.raises(ValueError, match="answer_format"):
+        committed_answer("5", "last_number", "anything")
+
+
+@pytest.mark.parametrize("kind", ["exact_match", "reasoning_gym"])
+def test_answer_format_applies_to_string_kinds(kind, chain_sum_example):
+    gold = chain_sum_example["answer"]
+    responses = [f"The sum is {gold}.", LONG_REASONING + f"the sum is {gold}", rf"\boxed{{{gold}}}"]
+    expected = {"auto": [1.0, 0.0, 1.0], "boxed": [0.0, 0.0, 1.0], "last_number": [1.0, 1.0, 1.0]}
+    for fmt, rewards in expected.items():
+        scorer = RewardScorer(kind=kind, answer_format=fmt)
+        result = scorer.score(["p"] * 3, responses, [chain_sum_example] * 3)
+        assert result.rewards == rewards, fmt
+        assert result.correct == [r == 1.0 for r in rewards]
+    # Truncation takes away a bare answer under auto, not under last_number.
+    assert RewardScorer(kind=kind).score(["p"], [f"it is {gold}"], [chain_sum_example],
+                                         truncated=[True]).rewards == [0.0]
+    assert RewardScorer(kind=kind, answer_format="last_number").score(
+        ["p"], [f"it is {gold}"], [chain_sum_example], truncated=[True]).rewards == [1.0]
+
+
+def test_answer_format_applies_to_math_verify():
+    responses = ["so x = 1/2", LONG_REASONING + "so x = 1/2", LONG_REASONING + r"\boxed{\frac12}", "1/2"]
+    truncated = [False, False, False, True]
+    expected = {"auto": [1.0, 0.0, 1.0, 0.0], "boxed": [0.0, 0.0, 1.0, 0.0],
+                "last_number": [1.0, 1.0, 1.0, 1.0]}
+    for fmt, rewards in expected.items():
+        with RewardScorer(kind="math_verify", answer_format=fmt, workers=1) as scorer:
+            result = scorer.score(["p"] * 4, responses, [ex("0.5")] * 4, truncated=truncated)
+        assert result.rewards == rewards, fmt
+        assert result.errors == 0
+
+
+def test_the_result_carries_the_answer_the_kind_read(chain_sum_example):
+    gold = chain_sum_example["answer"]
+    result = RewardScorer(kind="reasoning_gym").score(
+        ["p"] * 3, [f"it is {gold}", LONG_REASONING + "7", "Answer:\nnothing"], [chain_sum_example] * 3)
+    assert result.answers == [gold, None, "nothing"]  # the last non-empty line is the fallback
+
+
+def test_partial_credit_is_binarised_unless_asked_for(chain_sum_example):
+    gold = chain_sum_example["answer"]
+    near = "1" + gold  # reasoning-gym gives len(gold) / len(answer) when the gold is inside
+    for partial, expected in [(False, 0.0), (True, len(gold) / len(near))]:
+        result = RewardScorer(kind="reasoning_gym", partial_credit=partial).score(
+            ["p"] * 2, [rf"\boxed{{{near}}}", rf"\boxed{{{gold}}}"], [chain_sum_example] * 2)
+        assert result.rewards == pytest.approx([expected, 1.0])
+        assert result.correct == [False, True]  # accuracy counts full scores only, either way
+
+
+def test_partial_credit_for_user_functions():
+    responses = ["0.25", "1.0", "-1"]
+    for partial, expected in [(False, [0.0, 1.0, 0.0]), (True, [0.25, 1.0, -1.0])]:
+        scorer = RewardScorer(kind="reward_fns:graded", isolate="never", partial_credit=partial)
+        assert scorer.score(["p"] * 3, responses, [ex("")] * 3).rewards == expected
+
+
+def test_truncated_responses_score_zero_when_asked(chain_sum_example):
+    gold = chain_sum_example["answer"]
+    responses = [rf"\boxed{{{gold}}}"] * 3
+    flags = [True, False, True]
+    kept = RewardScorer(kind="reasoning_gym").score(["p"] * 3, responses, [chain_sum_example] * 3,
+                                                    truncated=flags)
+    assert kept.rewards == [1.0, 1.0, 1.0] and kept.truncated_zeroed == 0
+    scorer = RewardScorer(kind="reasoning_gym", truncated="zero", format_weight=0.5)
+    zeroed = scorer.score(["p"] * 3, responses, [chain_sum_example] * 3, truncated=flags)
+    assert zeroed.rewards == [0.0, 1.5, 0.0]  # no format bonus either
+    assert zeroed.correct == [False, True, False] and zeroed.truncated_zeroed == 2
+    assert zeroed.answers == [gold] * 3  # still shown, for reading samples
+    with pytest.raises(ValueError, match="truncated=zero"):
+        scorer.score(["p"], ["1"], [chain_sum_example])
+    with pytest.raises(ValueError, match="truncated flags"):
+        scorer.score(["p"], ["1"], [chain_sum_example], truncated=[True, False])
+
+
+@pytest.mark.parametrize("isolate", ["never", "always"])
+def test_user_functions_receive_the_options_they_name(isolate):
+    with RewardScorer(kind="reward_fns:sees_options", isolate=isolate, workers=1) as scorer:
+        result = scorer.score(["p"] * 2, ["a", "b"], [ex("a")] * 2, truncated=[True, False])
+    assert result.rewards == [1.0, 0.0] and result.errors == 0
+    # A function that names no option is called with the three arguments only.
+    assert RewardScorer(kind="reward_fns:misbehaving", isolate="never").score(
+        ["p"], ["a"], [ex("a")], truncated=[True]).rewards == [1.0]
+
+
+def test_scorer_from_config_uses_every_reward_field():
+    from opo.config import load_config
+
+    cfg = load_config("tiny", ["reward.partial_credit=true", "reward.answer_format=boxed",
+                               "reward.truncated=zero", "reward.format_weight=0.2"])
+    scorer = RewardScorer.from_config(cfg.reward)
+    assert (scorer.partial_credit, scorer.answer_format, scorer.truncated_policy,
+            scorer.format_weight) == (True, "boxed", "zero", 0.2)
+    with pytest.raises(ValueError, match="answer_format"):
+        RewardScorer(answer_format="box")
+    with pytest.raises(ValueError, match="truncated"):
+        RewardScorer(truncated="drop")

@@ -1,4 +1,4 @@
-"""Worker process for `opo.rewards.IsolatedPool`; run as ``python -m opo._reward_worker FD``.
+"""Worker process for `opo.rewards.IsolatedPool`; run as ``python -m opo.rewards.worker FD``.
 
 It is started as a fresh interpreter (not through multiprocessing's spawn), so it never
 re-imports the user's ``__main__`` script: no torch import per worker, and no
@@ -7,10 +7,11 @@ bootstrapping error when a training script lacks an ``if __name__ == "__main__"`
 Protocol, one JSON document per message over the socket inherited as FD:
   parent -> worker  {"sys_path": [...], "preload": [...]}     once, at start
   worker -> parent  {"ready": true} | {"ready": false, "error": "..."}
-  parent -> worker  {"fn": "module:function", "args": [...]}   one per call
+  parent -> worker  {"fn": "module:function", "args": [...], "kwargs": {...}}   one per call
   worker -> parent  {"value": ...} | {"error": "..."}
-The worker exits when the parent closes its end. This module imports only the
-standard library so that start-up stays cheap.
+The worker exits when the parent closes its end. This module, and the `opo.rewards`
+package that Python imports before it, use only the standard library at import time, so
+start-up stays cheap.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def main(fd: int) -> None:
             fn = functions.get(request["fn"])
             if fn is None:
                 fn = functions[request["fn"]] = _resolve(request["fn"])
-            reply = {"value": fn(*request["args"])}
+            reply = {"value": fn(*request["args"], **request.get("kwargs", {}))}
         except Exception as exc:  # noqa: BLE001 - any failure of the call is its outcome
             reply = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         _send(conn, reply)

@@ -1,0 +1,191 @@
+"""The pure helpers of benchmarks/bench_vs_trl.py (the benchmark itself is never a test)."""
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_vs_trl", ROOT / "benchmarks" / "bench_vs_trl.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_vs_trl"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("bench_vs_trl", None)
+
+
+def test_parse_choices_aliases_order_and_errors(bench):
+    assert bench.parse_choices("bf16, float32,fp32", bench.DTYPE_ALIASES, "--dtypes") == ["bf16", "fp32"]
+    assert bench.parse_choices("tiny,smollm2", list(bench.WORKLOADS), "--models") == ["tiny", "smollm2"]
+    with pytest.raises(ValueError, match="'fp16' is not allowed"):
+        bench.parse_choices("fp32,fp16", bench.DTYPE_ALIASES, "--dtypes")
+    with pytest.raises(ValueError, match="at least one"):
+        bench.parse_choices(" , ", list(bench.WORKLOADS), "--models")
+
+
+def test_argument_parsing_defaults_and_checks(bench):
+    args = bench.build_parser().parse_args([])
+    bench.check_args(args)
+    assert args.model_list == ["smollm2", "tiny"] and args.dtype_list is None  # auto
+    assert args.steps >= 4 and args.warmup == 1 and args.only == "both"
+    args = bench.build_parser().parse_args(["--models", "tiny", "--dtypes", "fp32", "--steps", "2",
+                                            "--opo-set", "algo.micro_batch_size=8", "--opo-set", "a.b=1"])
+    bench.check_args(args)
+    assert args.model_list == ["tiny"] and args.dtype_list == ["fp32"] and args.steps == 2
+    assert args.opo_set == ["algo.micro_batch_size=8", "a.b=1"]
+    for bad in (["--steps", "0"], ["--threads", "-1"], ["--models", "llama"]):
+        with pytest.raises(ValueError):
+            bench.check_args(bench.build_parser().parse_args(bad))
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--only", "vllm"])
+
+
+def test_timed_slice_skips_warmup_and_tail(bench):
+    # 1 warm-up, 4 timed, 1 tail step (opo evaluates at its last step)
+    steps = [50.0, 10.0, 12.0, 11.0, 13.0, 30.0]
+    assert bench.timed_slice(steps, 1, 4) == [10.0, 12.0, 11.0, 13.0]
+    assert bench.median(bench.timed_slice(steps, 1, 4)) == 11.5
+    with pytest.raises(ValueError, match="at least 6 steps"):
+        bench.timed_slice(steps[:4], 2, 4)
+
+
+def test_median_ratio_and_the_last_line(bench):
+    assert bench.median([3.0, 1.0, 2.0]) == 2.0
+    with pytest.raises(ValueError):
+        bench.median([])
+    assert bench.ratio(39.1, 31.5) == pytest.approx(1.2413, abs=1e-4)
+    assert bench.ratio(1.0, 0.0) is None and bench.ratio(None, 2.0) is None
+    assert bench.ratio_line(39.1 / 31.5, 11.7 / 8.5) == "speedup_vs_trl: 1.24 peak_rss_ratio: 1.38"
+    assert bench.ratio_line(3.0, 0.995) == "speedup_vs_trl: 3.00 peak_rss_ratio: 0.99"
+
+
+def test_flop_and_ceiling_arithmetic(bench):
+    n = 134_515_008  # SmolLM2-135M
+    # 4 prompts x 8 samples: 32 x 40 prompt tokens + 32 x 33 response tokens = 2336 trained tokens
+    assert bench.training_flops(n, 2336) == pytest.approx(6 * n * 2336)
+    assert bench.training_flops(n, 2336) / 1e12 == pytest.approx(1.885, abs=1e-3)
+    assert bench.generation_flops(n, 1280, 1056) == pytest.approx(2 * n * 2336)
+    # 538 MB of fp32 weights at 10 GB/s: 18.6 decode steps/s, x 32 rows
+    assert bench.bandwidth_ceiling_tokens_per_s(10.0, 4 * n, 32) == pytest.approx(32 * 10e9 / (4 * n))
+    assert bench.bandwidth_ceiling_tokens_per_s(10.0, 4 * n, 32) == pytest.approx(594.7, abs=0.1)
+    assert bench.compute_ceiling_tokens_per_s(100.0, n) == pytest.approx(100e9 / (2 * n))
+
+
+def test_classify_phase(bench):
+    assert bench.classify_phase("time_generate") == "generation"
+    assert bench.classify_phase("time_rollout") == "generation"
+    assert bench.classify_phase("time_reward") == "reward"
+    assert bench.classify_phase("time_backward") == "training"
+    assert bench.classify_phase("time_optimizer") == "training"
+    assert bench.classify_phase("time_logprob_forward") == "training"
+    assert bench.classify_phase("time_kl_probe") == "other"
+    assert bench.classify_phase("eval_seconds") == "other"
+    assert bench.classify_phase("time_metrics") == "other"
+
+
+def test_trl_phases_do_not_overlap(bench):
+    # TRL's records for two steps: (name, 1-based step, seconds); the logps timer sits inside
+    # compute_loss and must not be counted twice.
+    records = [("_prepare_inputs", 1, 6.0), ("transformers.generate", 1, 5.0), ("_calculate_rewards", 1, 0.5),
+               ("compute_loss", 1, 2.0), ("_get_per_token_logps_and_entropies", 1, 1.9),
+               ("_prepare_inputs", 2, 7.0), ("transformers.generate", 2, 6.0), ("_calculate_rewards", 2, 0.25),
+               ("compute_loss", 2, 3.0)]
+    phases = bench.trl_phase_series([12.0, 14.0], records)
+    kinds = {name: kind for name, (_, kind) in phases.items()}
+    assert sorted(kinds.values()) == ["generation", "other", "reward", "training", "training"]
+    total = [sum(series[i] for series, _ in phases.values()) for i in range(2)]
+    assert total == pytest.approx([12.0, 14.0])  # the phases add up to the step, nothing twice
+    backward = next(s for name, (s, _) in phases.items() if name.startswith("backward"))
+    assert backward == pytest.approx([4.0, 4.0])
+    assert bench.trl_phase_series([1.0], [("transformers.generate", 1, 0.5)]) == {}
+
+
+def test_summarise_opo_rows(bench):
+    rows = [{"seconds": s, "response_length_mean": length, "time_generate": g, "time_backward": b}
+            for s, length, g, b in [(30, 20, 20, 9), (10, 30, 6, 3), (12, 34, 7, 4), (11, 32, 6.5, 3.5),
+                                    (13, 36, 8, 4), (40, 30, 7, 4)]]
+    out = bench.summarise({"side": "opo", "rows": rows}, warmup=1, timed=4,
+                          prompt_tokens_per_step=[1280] * 6, sequences_per_step=32)
+    assert out["median_s"] == 11.5
+    assert out["mean_length"] == pytest.approx(33.0)
+    assert out["generated_tokens"] == pytest.approx(33.0 * 32)
+    assert out["gen_tokens_per_s"] == pytest.approx(33.0 * 32 * 4 / 46)
+    assert out["phases"]["time_generate"] == {"seconds": 6.75, "kind": "generation"}
+    assert out["phases"]["time_backward"] == {"seconds": 3.75, "kind": "training"}
+
+
+def test_auto_dtypes(bench):
+    slow = {"fp32_peak": 40.0, "bf16_peak": 0.6}
+    fast = {"fp32_peak": 350.0, "bf16_peak": 2000.0}
+    assert bench.auto_dtypes(slow, "avx2")[0] == ["fp32"]
+    assert bench.auto_dtypes(fast, "avx2, avx512f, amx_bf16")[0] == ["fp32", "bf16"]
+    assert bench.auto_dtypes(None, "avx2, avx512f, avx512_bf16")[0] == ["fp32", "bf16"]
+    assert "skipped" in bench.auto_dtypes(None, "avx2")[1]
+
+
+def test_opo_config_matches_the_workload(bench):
+    from opo.config import from_dict
+
+    spec = {"model_key": "tiny", "out_dir": "/tmp/x", "model_dir": "/m", "dtype": "bf16", "problems": "/p.jsonl",
+            "seed": 3, "template": "plain", "prompts_per_step": 4, "samples_per_prompt": 8, "max_new_tokens": 64,
+            "lr": 1e-6, "total_steps": 6, "threads": 2}
+    data = bench.opo_config(spec)
+    cfg = from_dict(json.loads(json.dumps(data)))  # every key must exist in opo's config
+    assert cfg.model.dtype == "bfloat16" and cfg.rollout.max_new_tokens == 64 and cfg.optim.lr == 1e-6
+    assert cfg.algo.updates_per_batch == 1 and cfg.algo.kl_coef == 0 and cfg.metrics.kl_probe_size == 0
+    assert cfg.trainer.eval_every == 0 and cfg.rollout.top_p == 1.0 and cfg.rollout.temperature == 1.0
+    assert cfg.reward.kind == "exact_match" and cfg.prompt.instruction == ""
+
+
+def test_planned_prompt_order_is_what_opo_draws(bench, tmp_path):
+    """The order handed to TRL is the one opo's split and sampler give for the same file."""
+    from opo.config import DataConfig
+    from opo.data import PromptSampler, load_examples
+
+    wl = bench.WORKLOADS["tiny"]
+    path, order = bench.prepare_prompts(wl, total_steps=3, prompts_per_step=4, seed=7, folder=tmp_path)
+    assert len(order) == 12
+    train, held_out = load_examples(DataConfig(source=str(path), train_size=0, eval_size=bench.EVAL_SIZE, seed=7))
+    sampler = PromptSampler(len(train), 7)
+    drawn = [train[i]["question"] for _ in range(3) for i in sampler.next_batch(4)]
+    assert [ex["question"] for ex in order] == drawn
+    assert not {ex["question"] for ex in order} & {ex["question"] for ex in held_out}
+
+
+def test_prompt_ids_agree_for_plain_prompts(bench):
+    from opo.toy import build_tokenizer
+
+    tok = build_tokenizer()
+    questions = ["12+34=", "905+118="]
+    assert bench.prompt_token_ids(tok, questions, "plain") == bench.trl_prompt_token_ids(tok, questions, "plain")
+
+
+def test_missing_trl_is_reported_with_the_install_line(bench, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
+    assert bench.main(["--models", "tiny", "--dtypes", "fp32"]) == 3
+    err = capsys.readouterr().err
+    assert 'pip install -e ".[bench]"' in err and "--only opo" in err
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for VmHWM")
+def test_launcher_keeps_this_process_peak_out_of_the_child(bench):
+    """A child's ru_maxrss must not include the memory peak of the process that started it."""
+    ballast = bytearray(300 * 2**20)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page: 300 MB resident here
+    launcher = bench.Launcher()
+    try:
+        done = launcher.run([sys.executable, "-c", "pass"], Path(os.devnull), dict(os.environ))
+    finally:
+        launcher.close()
+        del ballast
+    assert done["exit"] == 0
+    assert done["maxrss_kb"] * 1024 < 100 * 2**20  # an empty interpreter, not 300 MB
+    assert done["launcher_vmhwm_kb"] * 1024 < 100 * 2**20

@@ -1,0 +1,91 @@
+"""Every user mistake in the reward, data and eval settings is a message and exit code 2,
+never a traceback, and it comes before any model loads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from opo.cli import main
+
+CASES = [
+    # (argv, words the message must contain)
+    (["train", "reward.kind=math_verfy"], ["reward.kind", "did you mean math_verify"]),
+    (["train", "reward.kind=no_such_reward_module:score"],
+     ["no_such_reward_module", "current directory", "sys.path", "PYTHONPATH"]),
+    (["train", "reward.kind=json:no_such_function"], ["reward.kind", "no attribute"]),
+    (["train", "reward.kind=justaname"], ["reward.kind", "module:function"]),
+    (["train", "reward.answer_format=box"], ["reward.answer_format", "'boxed'"]),
+    (["train", "data.source=chmp"], ["data.source", "did you mean champ"]),
+    (["train", "data.source=reasoning_gym", "data.task=chain_summ"], ["data.task", "did you mean chain_sum"]),
+    (["train", "eval.batch_size=-1"], ["eval.batch_size", ">= 0"]),
+    (["config", "tiny", "reward.kind=exact_mach"], ["did you mean exact_match"]),
+    (["eval", "--reward", "math_verfy"], ["did you mean math_verify"]),
+    (["eval", "--reward", "no_such_reward_module:score"], ["no_such_reward_module", "current directory"]),
+    (["eval", "--task-config", "{min_terms: 2}"], ["--task-config", "not valid JSON"]),
+    (["eval", "--task-config", "[1, 2]"], ["--task-config", "JSON object"]),
+    (["eval", "--task", "chain_summ"], ["did you mean chain_sum"]),
+    (["eval", "--task", "chmp"], ["did you mean --task champ"]),
+    (["eval", "--data", "no/such/file.jsonl"], ["no/such/file.jsonl", "existing path"]),
+    (["eval", "--k", "1,four"], ["--k", "1,four"]),
+    (["eval", "--n", "0"], ["eval.samples"]),
+    (["eval", "--limit", "-3"], ["--limit"]),
+    (["eval", "--top-p", "1.5"], ["eval.top_p"]),
+    (["eval", "--task", "chain_sum", "--data", "x.jsonl"], ["--task or --data"]),
+]
+
+
+@pytest.mark.parametrize("argv, words", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_user_errors_exit_2_with_a_message(argv, words, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # relative paths and module look-ups start from an empty folder
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("opo: error: ")
+    for word in words:
+        assert word in err
+    assert "Traceback" not in err
+
+
+def test_a_reward_module_in_the_current_directory_is_found(tmp_path, monkeypatch, capsys):
+    from opo.rewards import RewardScorer
+
+    (tmp_path / "cwd_reward_mod.py").write_text(
+        "def score(prompt, response, example):\n    return float(response == example['answer'])\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    assert main(["config", "tiny", "reward.kind=cwd_reward_mod:score"]) == 0
+    assert "cwd_reward_mod:score" in capsys.readouterr().out
+    # The workers see the module too: they start with the parent's sys.path.
+    with RewardScorer(kind="cwd_reward_mod:score", isolate="always", workers=1) as scorer:
+        result = scorer.score(["p", "p"], ["7", "8"], [{"answer": "7"}] * 2)
+    assert result.rewards == [1.0, 0.0] and result.errors == 0
+
+
+def _console_script() -> Path | None:
+    script = Path(sys.executable).parent / "opo"
+    return script if script.exists() else None
+
+
+@pytest.mark.skipif(_console_script() is None, reason="the `opo` console script is not installed")
+def test_the_console_script_reports_errors_and_finds_modules_in_cwd(tmp_path):
+    """As a user runs it: the real `opo` script, whose sys.path does not include the cwd."""
+    (tmp_path / "script_reward_mod.py").write_text("def score(p, r, e):\n    return 1.0\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def run(*argv):
+        return subprocess.run([str(_console_script()), *argv], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    ok = run("config", "tiny", "reward.kind=script_reward_mod:score")
+    assert ok.returncode == 0, ok.stderr
+    bad = run("train", "reward.kind=math_verfy")
+    assert bad.returncode == 2 and "did you mean math_verify" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    json_bad = run("eval", "--task-config", "{oops")
+    assert json_bad.returncode == 2 and "not valid JSON" in json_bad.stderr
+    assert "Traceback" not in json_bad.stderr
