@@ -1,4 +1,4 @@
-"""Command line: `opo train`, `opo eval`, `opo toy-base`, `opo config`."""
+"""Command line: `opo train`, `opo eval`, `opo compare`, `opo variance`, `opo toy-base`, `opo config`."""
 
 from __future__ import annotations
 
@@ -205,6 +205,96 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from opo.compare import (CompareError, build_table, find_runs, format_table, load_run, plan_grid,
+                             require_matplotlib, run_grid, select_variants, write_report)
+
+    try:
+        if args.out:
+            require_matplotlib()  # a missing matplotlib is reported before any run starts
+        if not args.runs and not args.passk or args.config or args.overrides:
+            if args.runs:
+                raise CompareError("give either --runs DIR... or a grid to run (PRESET key=value...), "
+                                   "not both")
+            if not args.out:
+                raise CompareError("running a grid needs --out DIR (the runs go in DIR/runs)")
+            source, overrides = args.config, list(args.overrides)
+            if source and "=" in source:
+                source, overrides = None, [source, *overrides]
+            load_config(source or "tiny", overrides)  # a config error stops us before any run
+            if args.seeds < 1:
+                raise CompareError(f"--seeds must be >= 1, got {args.seeds}")
+            out = Path(args.out)
+            jobs = plan_grid(out, list(range(args.seed0, args.seed0 + args.seeds)),
+                             select_variants(args.variants))
+            results = run_grid(jobs, source or "tiny", overrides, args.jobs)
+            failed = [job for job, rc in results if rc != 0]
+            run_dirs = [j.run_dir for j in jobs if (j.run_dir / "summary.json").is_file()]
+        else:
+            failed, run_dirs = [], find_runs(args.runs) if args.runs else []
+        runs = [load_run(d) for d in run_dirs]
+        if runs:
+            print(format_table(build_table(runs, args.reference)))
+        if args.out:
+            write_report(runs, Path(args.out), args.passk or [], reference=args.reference)
+            print(f"wrote {Path(args.out) / 'report.html'} and table.json")
+        if failed:
+            print("failed runs: " + ", ".join(str(j.run_dir) for j in failed), file=sys.stderr)
+            return 1
+    except CompareError as exc:
+        print(f"opo: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_variance(args) -> int:
+    from opo.config import apply_overrides
+    from opo.data import load_examples
+    from opo.models import load_policy
+    from opo.rewards import RewardScorer
+    from opo.variance import VarianceSettings, format_report, measure_variance
+
+    import torch
+
+    cfg = load_config(args.preset or "tiny")
+    apply_overrides(cfg, args.set)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = VarianceSettings(
+        prompts=args.prompts, groups=args.groups, group_size=args.k,
+        temperature=args.temperature if args.temperature is not None else cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p, max_new_tokens=args.max_new_tokens or cfg.rollout.max_new_tokens,
+        seed=args.seed, param_filter=args.params)
+    try:
+        settings.validate()
+    except ValueError as exc:
+        print(f"opo: error: {exc}", file=sys.stderr)
+        return 2
+    train, held_out = load_examples(cfg.data)
+    examples = held_out if args.split == "held_out" else train
+    model, tokenizer = load_policy(args.model or cfg.model.path, cfg.model.dtype, cfg.model.device,
+                                   cfg.model.cache_dir)
+    model.eval()  # dropout off: the gradients are those of the distribution we sample
+    scorer = RewardScorer(kind=cfg.reward.kind, timeout_s=cfg.reward.timeout_s,
+                          workers=cfg.reward.workers, isolate=cfg.reward.isolate)
+    try:
+        result = measure_variance(model, tokenizer, examples, scorer, cfg.prompt, settings)
+    except ValueError as exc:  # settings that cannot give a variance (one group, no prompts...)
+        print(f"opo: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        scorer.close()
+    result.update(model=args.model or cfg.model.path, preset=cfg.preset,
+                  task=cfg.data.task or cfg.data.source, split=args.split)
+    print()
+    print(format_report(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_toy_base(args) -> int:
     from opo.toy import ASSET_DIR, build_toy_base
 
@@ -278,6 +368,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=0, metavar="N", help="print the first N samples (default: 0)")
     p.add_argument("--out", help="write the results as JSON here (default: none)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="run a grid of estimators x seeds, or read run folders, and "
+                                       "write a table, plots and an HTML report")
+    p.add_argument("config", nargs="?", help="preset or YAML for the grid (default: tiny)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run of the grid")
+    p.add_argument("--runs", nargs="+", metavar="DIR", help="compare these run folders (or folders "
+                                                             "holding run folders) instead of running")
+    p.add_argument("--passk", nargs="+", metavar="EVAL.json", help="plot pass@k against k from "
+                                                                    "`opo eval --out` files")
+    p.add_argument("--seeds", type=int, default=5, help="seeds per variant (trainer.seed)")
+    p.add_argument("--seed0", type=int, default=0, help="first seed")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time; each gets cores/jobs threads")
+    p.add_argument("--variants", default="", help="comma-separated subset of the default grid: "
+                   "opo, grpo, grpo_offpolicy, dr_grpo, rloo, opo_exact, opo_proxy")
+    p.add_argument("--reference", default="opo", help="variant the others are paired against")
+    p.add_argument("--out", metavar="DIR", help="write DIR/report.html, DIR/table.json and the PNGs "
+                                                "(and, for a grid, the runs in DIR/runs)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("variance", help="measure the policy-gradient variance under each reward "
+                                        "baseline, with exact per-response gradients (small models)")
+    p.add_argument("preset", nargs="?", help="preset or YAML for model, data, prompt and reward "
+                                             "(default: tiny)")
+    p.add_argument("--model", help="model path or built-in name (default: the preset's)")
+    p.add_argument("--prompts", type=int, default=16, help="prompts (P)")
+    p.add_argument("--groups", type=int, default=16, help="independent groups per prompt (M)")
+    p.add_argument("--k", type=int, default=8, help="responses per group (K)")
+    p.add_argument("--temperature", type=float, help="default: the preset's rollout.temperature")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="default: the preset's")
+    p.add_argument("--split", choices=["train", "held_out"], default="train",
+                   help="which problems supply the prompts")
+    p.add_argument("--params", default="", metavar="REGEX",
+                   help="only parameters whose name matches (for models too big for full "
+                        "per-response gradients); default: all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config override")
+    p.add_argument("--out", metavar="FILE.json", help="write every figure as JSON here")
+    p.set_defaults(func=cmd_variance)
 
     p = sub.add_parser("toy-base", help="rebuild the tiny preset's warm-started weights")
     p.add_argument("--out", help="output folder (default: the package's assets/tiny)")

@@ -240,6 +240,13 @@ class ScoreModule(torch.nn.Module):
                          share_prompts=share_prompts)
 
 
+def response_logits(model, packed: Packed, dist: Dist = Dist()) -> torch.Tensor:
+    """Filtered logits of the sampling distribution at every response position [B, T, V]
+    (float32). For instruments on small models: unlike `score`, this holds all of them."""
+    hidden = (_hidden_shared if can_share_prompts(model) else _hidden_full)(model, packed)
+    return sampling.filter_logits(_output_layer(model)(hidden), dist.temperature, dist.top_p, dist.top_k)
+
+
 def score(model, packed: Packed, dist: Dist = Dist(), *, with_entropy: bool = False,
           chunk_tokens: int = 0, share_prompts: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi_s of every response token [B, T] (0 off the mask), and the sampling

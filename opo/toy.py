@@ -126,15 +126,20 @@ def demonstrations(n: int, seed: int, slip_rate: float) -> list[dict]:
 
 def build_toy_base(out_dir: str | Path = ASSET_DIR, iters: int = 1000, batch_size: int = 64,
                    lr: float = 2e-3, slip_rate: float = 0.7, seed: int = 0, log=print,
-                   snapshot_every: int = 0) -> Path:
+                   snapshot_every: int = 0, examples: list[dict] | None = None) -> Path:
     """Deterministically warm-start the tiny model and save it as a HF folder (safetensors).
 
     The same command gives the same weights on the same machine and torch thread count.
+    `examples` (at least iters * batch_size, the text to imitate in meta["worked"])
+    replaces the toy task's demonstrations, so other built-in tasks reuse this recipe.
     """
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed=seed)
-    examples = demonstrations(iters * batch_size, seed=seed + 1, slip_rate=slip_rate)
+    if examples is None:
+        examples = demonstrations(iters * batch_size, seed=seed + 1, slip_rate=slip_rate)
+    elif len(examples) < iters * batch_size:
+        raise ValueError(f"build_toy_base needs {iters * batch_size} examples, got {len(examples)}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warm = max(iters // 20, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(

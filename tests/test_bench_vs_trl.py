@@ -130,10 +130,12 @@ def test_auto_dtypes(bench):
     assert "skipped" in bench.auto_dtypes(None, "avx2")[1]
 
 
-def test_opo_config_matches_the_workload(bench):
+def test_opo_config_matches_the_workload(bench, tmp_path):
     from opo.config import from_dict
 
-    spec = {"model_key": "tiny", "out_dir": "/tmp/x", "model_dir": "/m", "dtype": "bf16", "problems": "/p.jsonl",
+    problems = tmp_path / "p.jsonl"  # the config checks that a data file exists
+    problems.write_text('{"question": "1+1=", "answer": "2"}\n')
+    spec = {"model_key": "tiny", "out_dir": "/tmp/x", "model_dir": "/m", "dtype": "bf16", "problems": str(problems),
             "seed": 3, "template": "plain", "prompts_per_step": 4, "samples_per_prompt": 8, "max_new_tokens": 64,
             "lr": 1e-6, "total_steps": 6, "threads": 2}
     data = bench.opo_config(spec)

@@ -102,20 +102,32 @@ def load_examples(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
 
 # --------------------------------------------------------------------------- built-in sources
 
+def _procedural_split(cfg: DataConfig, make: Callable, name: str) -> tuple[list[Example], list[Example]]:
+    """Held-out and training problems from a generator make(n, seed, **task_config)."""
+    _need_procedural_sizes(cfg)
+    try:
+        held_out = make(held_out_size(cfg)[0], derive_seed(cfg.seed, "held_out"), **cfg.task_config)
+        train = make(cfg.train_size, cfg.seed, **cfg.task_config)
+    except (TypeError, ValueError) as exc:
+        # Unknown or out-of-range task_config keys surface here.
+        raise DataError(f"data.task_config {cfg.task_config!r} is not valid for {name}: {exc}") from None
+    return _drop_overlap(train, held_out), held_out
+
+
 @source("toy_addition", SourceDefaults(reward="exact_match", plain_max_new_tokens=32))
 def _load_toy_addition(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
     from opo.toy import make_addition_examples
 
-    _need_procedural_sizes(cfg)
-    try:
-        held_out = make_addition_examples(held_out_size(cfg)[0], derive_seed(cfg.seed, "held_out"),
-                                          **cfg.task_config)
-        train = make_addition_examples(cfg.train_size, cfg.seed, **cfg.task_config)
-    except (TypeError, ValueError) as exc:
-        # Unknown or out-of-range task_config keys surface here.
-        raise DataError(f"data.task_config {cfg.task_config!r} is not valid for toy_addition: "
-                        f"{exc}") from None
-    return _drop_overlap(train, held_out), held_out
+    return _procedural_split(cfg, make_addition_examples, "toy_addition")
+
+
+@source("toy_scratchpad", SourceDefaults(reward="exact_match", plain_max_new_tokens=48))
+def _load_toy_scratchpad(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
+    """Toy addition where working is optional (opo.scratchpad): the same problems and split
+    as toy_addition for the same settings."""
+    from opo.scratchpad import make_scratchpad_examples
+
+    return _procedural_split(cfg, make_scratchpad_examples, "toy_scratchpad")
 
 
 def _import_reasoning_gym():
