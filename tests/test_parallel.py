@@ -5,9 +5,10 @@
   groups, with a token budget that gives the two ranks different micro-batch plans).
 - Ranks reach the same verdicts (NaN/inf skip, log-prob mismatch) even when only one
   rank's data triggers them; batch-level estimators see the global batch.
-- FSDP2 checkpoint state is gathered in the single-process layout and loads back.
-- `torchrun ... -m opo train` writes exactly one run folder, and `--resume` replays the
-  steps after the checkpoint exactly.
+- FSDP2 checkpoint state is gathered in the single-process layout and loads back; FSDP2
+  generation on one rank alone (inside `parallel.gathered`) equals an unsharded copy's.
+- `torchrun ... -m opo train` writes exactly one run folder; under FSDP2 `--resume`
+  replays the steps after the checkpoint exactly, and a DDP run continues in one process.
 """
 
 import json
@@ -285,25 +286,37 @@ def _rows(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not (k.startswith("time_") or "seconds" in k)} for r in rows]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
-def test_torchrun_writes_one_run_folder_and_resume_replays_it(micro_model_dir, tmp_path, kind):
-    from safetensors.torch import load_file
-
+def _torchrun_run(micro_model_dir, cwd: Path, kind: str) -> tuple[Path, str]:
+    """Two steps of the micro model under torchrun with 2 processes, checkpointing each step,
+    in the default (timestamped) run folder under cwd/runs."""
     overrides = micro_overrides(micro_model_dir, "", **{
         "trainer.steps": 2, "trainer.eval_every": 1, "checkpoint.every": 1, "checkpoint.keep": 2,
         "trainer.parallel": kind, "metrics.kl_probe_size": 4, "data.eval_size": 6,
         "algo.max_tokens_per_micro_batch": 40, "reward.kind": "reward_fns:even_length",
         "reward.isolate": "never"})
-    overrides = [o for o in overrides if not o.startswith("run.dir=")]  # the default, timestamped name
-    out = _torchrun(overrides, cwd=tmp_path)
-    (run,) = (tmp_path / "runs").iterdir()  # exactly one run folder, though each rank named one
+    out = _torchrun([o for o in overrides if not o.startswith("run.dir=")], cwd=cwd)
+    (run,) = (cwd / "runs").iterdir()  # exactly one run folder, though each rank computed a name
     assert out.count("data: ") == 1  # rank 0 alone reports
     rows = _rows(run)
     assert [r["step"] for r in rows] == [0, 1, 2] and rows[1]["grad_norm"] > 0
     state = json.loads((run / "checkpoints" / "step_2" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and len(state["rng_other_ranks"]) == 1
+    return run, out
 
+
+@pytest.mark.slow
+def test_torchrun_fsdp2_run_resumes_exactly(micro_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from opo import checkpoint as ckpt
+    from opo.models import load_policy
+
+    run, _ = _torchrun_run(micro_model_dir, tmp_path, "fsdp")
+    single, _ = load_policy(str(micro_model_dir), device="cpu")  # FSDP2's checkpoint loads in one process
+    ckpt.load_checkpoint(run / "checkpoints" / "step_2", model=single,
+                         optimizer=torch.optim.AdamW(single.parameters()))
+    final = load_file(str(run / "final" / "model.safetensors"))
+    assert all(torch.equal(single.state_dict()[k], v) for k, v in final.items())
     # Back to step 1 (as if killed after its checkpoint), then resume: step 2 must replay exactly.
     replay = tmp_path / "replay"
     shutil.copytree(run, replay)
@@ -312,6 +325,17 @@ def test_torchrun_writes_one_run_folder_and_resume_replays_it(micro_model_dir, t
     (replay / "summary.json").unlink()
     out = _torchrun(["--resume", str(replay)], cwd=tmp_path)
     assert "resumed" in out and "at step 1" in out
-    assert _rows(replay) == rows
+    assert _rows(replay) == _rows(run)
     a, b = load_file(str(run / "final" / "model.safetensors")), load_file(str(replay / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_run_continues_in_one_process(micro_model_dir, tmp_path, capsys):
+    from opo.cli import main
+
+    run, _ = _torchrun_run(micro_model_dir, tmp_path, "ddp")
+    assert main(["train", "--resume", str(run), "trainer.steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed" in out and "written by 2 process(es)" in out
+    assert [r["step"] for r in _rows(run)] == [0, 1, 2, 3]
