@@ -27,11 +27,12 @@ import torch
 
 from opo import checkpoint as ckpt
 from opo import parallel
-from opo.advantages import compute_advantages
+from opo.advantages import compute_advantages, estimator_needs
 from opo.checkpoint import RunState
 from opo.config import Config, apply_overrides, dump_yaml, from_dict, read_yaml
 from opo.data import PromptSampler, derive_seed, encode_prompts, load_split
 from opo.evaluation import evaluate
+from opo.gradnorm import response_weights
 from opo.metrics import KLProbe, repetition_counts
 from opo.models import eos_ids, load_policy
 from opo.rewards import RewardScorer
@@ -190,6 +191,9 @@ def _train(cfg: Config, resume: bool, log, world: parallel.World) -> dict:
 def set_up(cfg: Config, resume: bool, log, world: parallel.World = parallel.SINGLE) -> Run:
     """Load model, data, reward, engine and optimiser; restore a checkpoint when resuming."""
     parallel.check_config(world, cfg)
+    if estimator_needs(cfg.algo.estimator) and world.size > 1 and cfg.trainer.parallel == "fsdp":
+        raise TrainingError(f"algo.estimator={cfg.algo.estimator} takes per-response gradients of the "
+                            f"whole model, which FSDP2 shards; use trainer.parallel=ddp")
     # An empty run.dir gets a name with a timestamp; every rank uses rank 0's.
     cfg.run.dir = world.broadcast_json(cfg.run.dir or default_run_dir(cfg))
     run_dir = Path(cfg.run.dir)
@@ -270,12 +274,18 @@ def train_step(run: Run) -> dict:
         torch.tensor(rewards.rewards, dtype=torch.float32), torch.tensor(batch.lengths, dtype=torch.float32),
         torch.tensor(batch.group_ids) + run.world.rank * len(examples),
         torch.tensor(rewards.correct, dtype=torch.float32), torch.tensor(batch.truncated, dtype=torch.float32))
-    adv = compute_advantages(cfg.algo.estimator, r, lengths, groups)
-
-    device = next(run.model.parameters()).device
     packed = pack(batch.prompt_ids, batch.response_ids, run.tokenizer.pad_token_id)
     if batch.logprobs:
         packed.values["sampler_logp"] = packed.spread(batch.logprobs)
+    weights = None
+    needs = estimator_needs(cfg.algo.estimator)
+    if needs:  # opo_exact / opo_proxy: per-response ‖∇log π‖² under the sampling policy
+        with timer("grad_weights"):
+            local = response_weights(needs, run.model, packed, cfg.rollout.temperature, cfg.algo.micro_batch_size)
+        weights = run.world.gather(local.cpu())[0]
+    adv = compute_advantages(cfg.algo.estimator, r, lengths, groups, weights=weights)
+
+    device = next(run.model.parameters()).device
     lr = run.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
     try:
         stats = policy_update(run.policy, run.optimizer, packed.to(device), run.world.local_part(adv).to(device),

@@ -49,7 +49,8 @@ def test_cli_train_writes_the_run_folder(micro_model_dir, tmp_path):
     assert (run / "checkpoints" / "step_4" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce_pp", "opo_batch"])
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce_pp", "opo_batch", "opo_exact",
+                                       "opo_proxy"])
 def test_other_estimators_and_off_policy_run(micro_model_dir, tmp_path, estimator):
     cfg = load_config("tiny", micro_overrides(micro_model_dir, tmp_path / estimator, **{
         "algo.estimator": estimator, "trainer.steps": 2, "algo.updates_per_batch": 2,
