@@ -84,7 +84,8 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
         packed.values["old_logp"] = old
         mismatch.add(old, packed)
     order = torch.randperm(packed.num_rows) if not on_policy else torch.arange(packed.num_rows)
-    for rows in order.chunk(a.updates_per_batch):
+    # tensor_split gives exactly U mini-batches (chunk can give fewer: 6 rows, U=4 -> 3 chunks).
+    for rows in torch.tensor_split(order, a.updates_per_batch):
         mini = packed.rows(rows)
         mini_adv = advantages[rows]
         mini_tokens = world.sum(mini.response_mask.sum())

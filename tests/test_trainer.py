@@ -231,3 +231,13 @@ def test_no_signal_warning_fires_once(micro_model_dir, tmp_path):
     assert all(r["zero_variance_groups"] == 1.0 for r in rows)
     warnings = [m for m in messages if "nothing was learned" in m]
     assert len(warnings) == 1 and "3 steps in a row" in warnings[0]
+
+
+def test_off_policy_takes_exactly_u_steps_when_rows_do_not_divide(micro_model_dir, tmp_path):
+    """6 rows and 4 updates: four mini-batches (2, 2, 1, 1 rows), four optimiser steps."""
+    rows = _train_rows(micro_model_dir, tmp_path / "run", **{
+        "trainer.steps": 1, "rollout.prompts_per_step": 3, "rollout.samples_per_prompt": 2,
+        "algo.updates_per_batch": 4})
+    assert rows[0]["policy_version"] == 4
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_1" / "optimizer.pt", weights_only=True)
+    assert {int(s["step"]) for s in state["state"].values()} == {4}  # AdamW really stepped 4 times
