@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +36,35 @@ class RunConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = doc("LoRA rank (through peft, `pip install 'opo[lora]'`); 0 trains every weight. "
+                 "With r > 0 only the adapters train; the base weights stay frozen.", 0)
+    alpha: float = doc("LoRA scaling numerator: the adapter's output is scaled by alpha / r.", 16.0)
+    target_modules: list = doc(
+        "Module names that get adapters. The default covers the attention and MLP projections of "
+        "Llama/Qwen/Mistral/Gemma-style models.",
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    merge_on_save: bool = doc(
+        "`final/` holds the base model with the adapters merged in (loads with from_pretrained "
+        "like any model); false saves the adapter folder (adapter_config.json + "
+        "adapter_model.safetensors, loaded with peft on top of model.path).", True)
+
+
+@dataclass
 class ModelConfig:
     path: str = doc("Model: `tiny` (built in), `smollm2-135m-instruct`, `gemma3-270m`, "
                     "a local Hugging Face folder, a .gguf file, or a hub id.", "tiny")
-    dtype: Literal["float32", "bfloat16", "float16"] = doc("Parameter dtype for training.", "float32")
+    dtype: Literal["float32", "bfloat16", "float16"] = doc(
+        "Compute dtype. bfloat16/float16 mean mixed precision: fp32 master weights and fp32 AdamW "
+        "state, every forward (sampling, loss, KL probe, evaluation) under torch.autocast; float16 "
+        "also scales gradients. Checkpoints hold the fp32 weights.", "float32")
+    pure_low_precision: bool = doc(
+        "Store the parameters themselves in model.dtype (no fp32 master weights): less memory, but "
+        "updates smaller than ~|w|/256 (bf16) are lost. Opt-in only; it warns.", False)
     device: str = doc("`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:N`.", "auto")
     cache_dir: str = doc("Where GGUF models are cached as safetensors; empty means ~/.cache/opo.", "")
     gradient_checkpointing: bool = doc("Trade compute for memory in the backward pass.", False)
+    lora: LoraConfig = doc("LoRA adapters (peft).", factory=LoraConfig)
 
 
 @dataclass
@@ -111,11 +134,12 @@ class AlgoConfig:
         "Response tokens sent through the output layer at once when computing log-probs; more "
         "than one chunk means each is recomputed in the backward pass, so the logits in memory "
         "never exceed [chunk, vocabulary]. 0 = all at once.", 4096)
-    max_logp_mismatch: float = doc(
+    max_logp_mismatch: float | Literal["auto"] = doc(
         "Exact on-policy check: the run stops when any response token's log-probability under the "
         "trainer differs from the sampler's by more than this (logged every step as "
-        "logp_mismatch_max). Measured fp32 noise is far below the default; 0 disables the check.",
-        1e-3)
+        "logp_mismatch_max); 0 disables the check. `auto` depends on model.dtype: 1e-3 for float32 "
+        "(measured fp32 noise is below 1e-4), 0.5 for bfloat16 and 0.1 for float16 (the measured "
+        "low-precision maxima with head-room; see opo.precision.AUTO_MISMATCH).", "auto")
 
 
 @dataclass
@@ -223,6 +247,14 @@ def _describe(tp: Any) -> str:
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; return it converted where lossless."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # e.g. float | Literal["auto"]: first that fits
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not allowed; use "
+                          + " or ".join(_describe(t) for t in typing.get_args(tp)))
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -358,8 +390,13 @@ def validate(cfg: Config) -> None:
         need(value >= low, key, f"use an integer >= {low}" + (" (0 = no limit / off)" if low == 0 else ""),
              value)
     need(cfg.rollout.top_k >= 0, "rollout.top_k", "use an integer >= 0 (0 = off)", cfg.rollout.top_k)
-    need(cfg.algo.max_logp_mismatch >= 0, "algo.max_logp_mismatch", "use a number >= 0 (0 = off)",
-         cfg.algo.max_logp_mismatch)
+    need(cfg.algo.max_logp_mismatch == "auto" or cfg.algo.max_logp_mismatch >= 0,
+         "algo.max_logp_mismatch", "use a number >= 0 (0 = off) or auto", cfg.algo.max_logp_mismatch)
+    need(not cfg.model.pure_low_precision or cfg.model.dtype != "float32", "model.pure_low_precision",
+         "it only applies with model.dtype bfloat16 or float16", cfg.model.pure_low_precision)
+    need(cfg.model.lora.r >= 0, "model.lora.r", "use an integer >= 0 (0 = off)", cfg.model.lora.r)
+    need(cfg.model.lora.r == 0 or bool(cfg.model.lora.target_modules), "model.lora.target_modules",
+         "name at least one module when model.lora.r > 0", cfg.model.lora.target_modules)
     need(cfg.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "use a number >= 0 (0 = off)",
          cfg.checkpoint.every_minutes)
     need(cfg.rollout.temperature > 0, "rollout.temperature", "use a number > 0",

@@ -15,20 +15,22 @@ import math
 import random
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from opo import checkpoint as ckpt
+from opo import lora
 from opo.advantages import compute_advantages
 from opo.checkpoint import RunState
 from opo.config import Config, apply_overrides, dump_yaml, from_dict, read_yaml
 from opo.data import PromptSampler, encode_prompts, load_examples
 from opo.evaluate import evaluate
 from opo.metrics import KLProbe, repetition_rate
-from opo.models import eos_ids, load_policy
+from opo.models import eos_ids, load_policy, pick_device
+from opo.precision import Precision
 from opo.rewards import RewardScorer
 from opo.rollout import SamplingParams, make_engine
 from opo.sequences import batched_logprobs, pack
@@ -66,6 +68,7 @@ class Run:
     probe: KLProbe | None
     ref_model: torch.nn.Module | None
     log: object
+    precision: Precision = field(default_factory=Precision)  # every policy forward runs under it
 
     def sampling(self) -> SamplingParams:
         r = self.cfg.rollout
@@ -74,16 +77,19 @@ class Run:
 
     def logprobs(self, packed):
         a = self.cfg.algo
-        return batched_logprobs(self.model, packed, sampling_dist(self.cfg), max_rows=a.micro_batch_size,
-                                max_tokens=a.max_tokens_per_micro_batch, chunk_tokens=a.logprob_chunk_size)
+        with self.precision.autocast():
+            return batched_logprobs(self.model, packed, sampling_dist(self.cfg), max_rows=a.micro_batch_size,
+                                    max_tokens=a.max_tokens_per_micro_batch, chunk_tokens=a.logprob_chunk_size)
 
     def evaluate(self) -> dict:
         e = self.cfg.eval
-        return evaluate(self.engine, self.tokenizer, self.held_out, self.scorer, self.cfg.prompt,
-                        samples=e.samples, temperature=e.temperature, k=e.k,
-                        max_new_tokens=self.cfg.rollout.max_new_tokens, chunk=e.batch_size)
+        with self.precision.autocast():
+            return evaluate(self.engine, self.tokenizer, self.held_out, self.scorer, self.cfg.prompt,
+                            samples=e.samples, temperature=e.temperature, k=e.k,
+                            max_new_tokens=self.cfg.rollout.max_new_tokens, chunk=e.batch_size)
 
     def save(self) -> None:
+        self.state.grad_scaler = self.precision.state_dict()
         ckpt.save_run(self.dir, self.cfg.checkpoint.keep, self.state, self.model, self.tokenizer,
                       self.optimizer, self.scheduler, self.sampler,
                       self.probe.state_dict() if self.probe else {})
@@ -160,26 +166,33 @@ def set_up(cfg: Config, resume: bool, log) -> Run:
     scorer = RewardScorer(kind=cfg.reward.kind, format_weight=cfg.reward.format_weight,
                           timeout_s=cfg.reward.timeout_s, workers=cfg.reward.workers,
                           isolate=cfg.reward.isolate)
-    model, tokenizer = load_policy(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.cache_dir)
+    # Mixed precision: fp32 master weights, low-precision compute under autocast (opo.precision).
+    precision = Precision.from_config(cfg.model, pick_device(cfg.model.device))
+    model, tokenizer = load_policy(cfg.model.path, precision.param_dtype, cfg.model.device, cfg.model.cache_dir)
+    if cfg.model.lora.r:  # adapters injected in place: engines and scorer call the same module
+        lora.attach(model, cfg.model.lora.r, cfg.model.lora.alpha, cfg.model.lora.target_modules)
     if cfg.model.gradient_checkpointing:
         # HF only checkpoints activations in train() mode; dropout is off (see load_policy),
         # so train() and eval() compute the same function and sampling stays on-policy.
-        model.gradient_checkpointing_enable()
+        # Non-reentrant: gradients reach LoRA adapters even though the embeddings are frozen.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
     ref_model = None
     if cfg.algo.kl_coef > 0:  # only then does a second copy of the model live in memory
-        ref_model = load_policy(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.cache_dir)[0]
+        ref_model = load_policy(cfg.model.path, precision.param_dtype, cfg.model.device, cfg.model.cache_dir)[0]
         ref_model.requires_grad_(False)
     _warn_unknown_tokens(tokenizer, train_set, cfg, log)
     engine = make_engine(cfg.rollout.engine, model, tokenizer, eos_ids(model, tokenizer), cfg.rollout.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+    trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, or the LoRA adapters
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     run = Run(cfg, run_dir, model, tokenizer, engine, optimizer, scheduler, scorer, train_set, held_out,
-              PromptSampler(len(train_set), cfg.trainer.seed), RunState(), None, ref_model, log)
+              PromptSampler(len(train_set), cfg.trainer.seed), RunState(), None, ref_model, log, precision)
     if resume:
         run.state, tensors = ckpt.restore_run(run_dir, model, optimizer, scheduler, run.sampler)
         run.probe = KLProbe.from_state_dict(tensors) if "probe.logp0" in tensors else None
+        precision.load_state_dict(run.state.grad_scaler)
         engine.sync_weights(model, run.state.policy_version)
         log(f"resumed {run_dir} at step {run.state.step}")
     else:
@@ -195,7 +208,7 @@ def train_step(run: Run) -> dict:
     t0 = time.perf_counter()
     examples = [run.train_set[i] for i in run.sampler.next_batch(cfg.rollout.prompts_per_step)]
     prompt_texts, prompt_ids = encode_prompts(run.tokenizer, [ex["question"] for ex in examples], cfg.prompt)
-    with timer("generate"):
+    with timer("generate"), run.precision.autocast():  # the same autocast as the loss forward
         batch = run.engine.generate(prompt_ids, run.sampling())
     if cfg.algo.updates_per_batch == 1 and batch.policy_version != state.policy_version:
         raise TrainingError(f"exact on-policy training refuses responses from policy version "
@@ -218,7 +231,7 @@ def train_step(run: Run) -> dict:
     lr = run.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
     try:
         stats = policy_update(run.model, run.optimizer, packed.to(device), adv.to(device), cfg,
-                              run.ref_model, timer)
+                              run.ref_model, timer, run.precision)
     except OffPolicyError as exc:
         raise TrainingError(f"step {state.step + 1}: {exc}") from None
     state.step += 1
@@ -327,7 +340,8 @@ def _make_probe(run: Run) -> KLProbe | None:
         return None
     _, ids = encode_prompts(run.tokenizer, [ex["question"] for ex in run.train_set[:n]], run.cfg.prompt)
     params = SamplingParams(**{**run.sampling().__dict__, "n": 1})
-    batch = run.engine.generate(ids, params)
+    with run.precision.autocast():
+        batch = run.engine.generate(ids, params)
     packed = pack(batch.prompt_ids, batch.response_ids, run.tokenizer.pad_token_id)
     return KLProbe(packed, run.logprobs(packed).cpu())
 
@@ -341,7 +355,10 @@ def _write_row(run: Run, row: dict) -> None:
 def _save_final(run: Run) -> None:
     tmp = run.dir / "final.tmp"
     ckpt.shutil.rmtree(tmp, ignore_errors=True)
-    run.model.save_pretrained(tmp, safe_serialization=True)
+    if lora.is_lora(run.model):
+        lora.save_final(run.model, tmp, merge=run.cfg.model.lora.merge_on_save)
+    else:
+        run.model.save_pretrained(tmp, safe_serialization=True)
     run.tokenizer.save_pretrained(tmp)
     ckpt.replace_folder(tmp, run.dir / "final")
 

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 
 from opo.loss import policy_loss
+from opo.precision import Precision, mismatch_limit
 from opo.sequences import Dist, Packed, batched_logprobs, plan_micro_batches, score
 
 
@@ -51,17 +52,19 @@ def sampling_dist(cfg) -> Dist:
 
 
 def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cfg, ref_model=None,
-                  timer: PhaseTimer | None = None) -> dict:
+                  timer: PhaseTimer | None = None, precision: Precision | None = None) -> dict:
     """Apply the update for one rollout batch; return its statistics.
 
     packed.values may hold "sampler_logp" (the engine's per-token log-probs); then
     logp_mismatch_max / logp_mismatch_mean report |log pi_sampler − log pi_trainer| over
     the batch's response tokens under the weights that sampled them, and in exact
     on-policy mode a mismatch above algo.max_logp_mismatch raises OffPolicyError before
-    any weight changes.
+    any weight changes. Forwards run under `precision`'s autocast (the trainer passes the
+    run's, whose gradient scaler lives across steps; by default one is built from cfg.model).
     """
     a = cfg.algo
     timer = timer or PhaseTimer()
+    amp = precision or Precision.from_config(cfg.model, next(model.parameters()).device)
     dist = sampling_dist(cfg)
     limits = {"max_rows": a.micro_batch_size, "max_tokens": a.max_tokens_per_micro_batch}
     on_policy = a.updates_per_batch == 1
@@ -71,7 +74,7 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
     mismatch = _Mismatch()
     batch_tokens = float(packed.response_mask.sum())
     if not on_policy:
-        with timer("old_logprobs"):
+        with timer("old_logprobs"), amp.autocast():
             old = batched_logprobs(model, packed, dist, chunk_tokens=a.logprob_chunk_size, **limits)
         packed.values["old_logp"] = old
         mismatch.add(old, packed)
@@ -85,7 +88,7 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
         for idx in plan_micro_batches(mini.row_lengths().tolist(), **limits):
             idx = torch.tensor(idx)
             micro = mini.rows(idx)
-            with timer("forward"):
+            with timer("forward"), amp.autocast():
                 logp, entropy = score(model, micro, dist, with_entropy=True,
                                       chunk_tokens=a.logprob_chunk_size)
                 ref = None
@@ -100,22 +103,24 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
             if on_policy:
                 mismatch.add(logp.detach(), micro)
             with timer("backward"):
-                loss.backward()
+                amp.backward(loss)
             mini_loss += float(loss.detach())
             micro_tokens = float(micro.response_mask.sum())
             clipped += st["clip_frac"] * micro_tokens
             stats["ratio_max"] = max(stats["ratio_max"], st["ratio_max"])
             stats["entropy"] += float((entropy * micro.response_mask).sum()) / batch_tokens
         if on_policy:
-            mismatch.check(a.max_logp_mismatch)
+            mismatch.check(mismatch_limit(cfg))
         with timer("optimizer"):
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            amp.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             if not (math.isfinite(grad_norm) and math.isfinite(mini_loss)):
                 optimizer.zero_grad(set_to_none=True)  # a NaN/inf step is skipped, never applied
+                amp.skip()
                 stats["bad_updates"] += 1
                 continue
-            optimizer.step()
+            amp.step(optimizer)
         stats["loss"] += mini_loss / a.updates_per_batch
         stats["grad_norm"] += grad_norm / a.updates_per_batch
         stats["clip_frac"] += clipped / max(mini_tokens, 1.0) / a.updates_per_batch
@@ -150,9 +155,9 @@ class _Mismatch:
             raise OffPolicyError(
                 f"the trainer's log-probabilities differ from the sampler's by up to {self.max:.3g} "
                 f"(algo.max_logp_mismatch={limit:g}): the update would not be exactly on-policy. "
-                f"Usual causes: low-precision compute (raise algo.max_logp_mismatch for bf16/fp16), "
-                f"a sampler that does not use the configured temperature/top_p/top_k, or an engine "
-                f"whose weights were not synced. No weights were changed by this step.")
+                f"Usual causes: a sampler that does not use the configured temperature/top_p/top_k, "
+                f"an engine whose weights were not synced, or low-precision kernel noise beyond the "
+                f"limit (`auto` picks one per model.dtype). No weights were changed by this step.")
 
     def summary(self) -> dict:
         if not self.seen:
