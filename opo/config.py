@@ -95,11 +95,26 @@ class PromptConfig:
 
 
 @dataclass
+class VLLMConfig:
+    gpu_memory_utilization: float = doc(
+        "Share of the GPU's memory vLLM may take for its weights and KV cache while awake; the "
+        "trainer's parameters, gradients and optimiser state must fit in the rest.", 0.4)
+    sleep_mode: bool = doc("Put vLLM to sleep (level 1: weights to CPU memory, KV cache freed) while "
+                           "the trainer computes gradients, and wake it for the weight push.", True)
+    max_model_len: int = doc("Longest prompt + response vLLM plans its KV cache for; 0 = the "
+                             "model's own limit.", 0)
+    enforce_eager: bool = doc("Skip CUDA graph capture (slower decoding, less memory, quicker start).",
+                              False)
+
+
+@dataclass
 class RolloutConfig:
-    engine: Literal["fast", "hf"] = doc(
+    engine: Literal["fast", "hf", "vllm"] = doc(
         "Rollout engine. `fast` is our KV-cached sampler on the transformers model (shared prompt "
-        "prefill, finished rows leave the batch); `hf` is transformers' own generate, the reference. "
-        "Both return per-token sampler log-probs.", "fast")
+        "prefill, finished rows leave the batch); `hf` is transformers' own generate, the reference; "
+        "`vllm` is vLLM colocated in the trainer process (CUDA only, `pip install 'opo[vllm]'`; "
+        "weights pushed after every optimiser step). All return per-token sampler log-probs.", "fast")
+    vllm: VLLMConfig = doc("vLLM engine settings (rollout.engine=vllm).", factory=VLLMConfig)
     prompts_per_step: int = doc("Prompts per rollout batch.", 16)
     samples_per_prompt: int = doc("K, responses sampled per prompt (the group size).", 8)
     temperature: float = doc("Sampling temperature.", 1.0)
@@ -370,6 +385,7 @@ COUNT_LIMITS = {
     "trainer.threads": 0, "trainer.log_every": 1, "trainer.warn_no_signal_steps": 0,
     "eval.samples": 1, "eval.batch_size": 1, "metrics.kl_probe_size": 0,
     "metrics.repetition_ngram": 1, "checkpoint.every": 0, "checkpoint.keep": 1, "reward.workers": 1,
+    "model.lora.r": 0, "rollout.vllm.max_model_len": 0,
 }
 
 
@@ -385,8 +401,11 @@ def validate(cfg: Config) -> None:
          "use one of " + ", ".join(sorted(ESTIMATORS)), cfg.algo.estimator)
     # Every size and count: a negative one would silently turn a loop into a no-op.
     for key, low in COUNT_LIMITS.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        *sections, name = key.split(".")
+        node = cfg
+        for section in sections:
+            node = getattr(node, section)
+        value = getattr(node, name)
         need(value >= low, key, f"use an integer >= {low}" + (" (0 = no limit / off)" if low == 0 else ""),
              value)
     need(cfg.rollout.top_k >= 0, "rollout.top_k", "use an integer >= 0 (0 = off)", cfg.rollout.top_k)
@@ -394,13 +413,14 @@ def validate(cfg: Config) -> None:
          "algo.max_logp_mismatch", "use a number >= 0 (0 = off) or auto", cfg.algo.max_logp_mismatch)
     need(not cfg.model.pure_low_precision or cfg.model.dtype != "float32", "model.pure_low_precision",
          "it only applies with model.dtype bfloat16 or float16", cfg.model.pure_low_precision)
-    need(cfg.model.lora.r >= 0, "model.lora.r", "use an integer >= 0 (0 = off)", cfg.model.lora.r)
     need(cfg.model.lora.r == 0 or bool(cfg.model.lora.target_modules), "model.lora.target_modules",
          "name at least one module when model.lora.r > 0", cfg.model.lora.target_modules)
     need(cfg.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "use a number >= 0 (0 = off)",
          cfg.checkpoint.every_minutes)
     need(cfg.rollout.temperature > 0, "rollout.temperature", "use a number > 0",
          cfg.rollout.temperature)
+    need(0 < cfg.rollout.vllm.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization",
+         "use a number in (0, 1]", cfg.rollout.vllm.gpu_memory_utilization)
     need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "use a number in (0, 1]", cfg.rollout.top_p)
     n_seqs = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     need(cfg.algo.updates_per_batch <= n_seqs, "algo.updates_per_batch",

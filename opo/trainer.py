@@ -10,6 +10,7 @@ sampler's (`logp_mismatch_*`), so "on-policy" is measured, not assumed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -182,7 +183,9 @@ def set_up(cfg: Config, resume: bool, log) -> Run:
         ref_model = load_policy(cfg.model.path, precision.param_dtype, cfg.model.device, cfg.model.cache_dir)[0]
         ref_model.requires_grad_(False)
     _warn_unknown_tokens(tokenizer, train_set, cfg, log)
-    engine = make_engine(cfg.rollout.engine, model, tokenizer, eos_ids(model, tokenizer), cfg.rollout.batch_size)
+    engine = make_engine(cfg.rollout.engine, model, tokenizer, eos_ids(model, tokenizer), cfg.rollout.batch_size,
+                         vllm_options={**dataclasses.asdict(cfg.rollout.vllm), "dtype": cfg.model.dtype,
+                                       "seed": cfg.trainer.seed})
     trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, or the LoRA adapters
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay)
