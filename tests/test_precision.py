@@ -157,3 +157,15 @@ def test_fsdp_policy_matches_the_config():
     assert Precision("float32").fsdp_policy() is None
     policy = Precision("bfloat16").fsdp_policy()
     assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+
+
+def test_the_gpu_recipe_loads_with_mixed_precision_vllm_and_bounded_micro_batches():
+    from opo.config import Config
+
+    if "parallel" not in {f for f in Config().trainer.__dataclass_fields__}:
+        pytest.skip("the recipe sets trainer.parallel, which arrives with the data-parallel work")
+    cfg = load_config("r1-distill-qwen-7b")
+    assert cfg.model.dtype == "bfloat16" and not cfg.model.pure_low_precision
+    assert cfg.rollout.engine == "vllm" and cfg.trainer.parallel == "fsdp"
+    assert cfg.algo.max_tokens_per_micro_batch > 0 and 0 < cfg.algo.logprob_chunk_size <= 4096
+    assert cfg.model.gradient_checkpointing

@@ -91,6 +91,7 @@ class VLLMEngine:
     def _wake(self, parts: tuple[str, ...] = ("weights", "kv_cache")) -> None:
         todo = [p for p in parts if p in self._sleeping]  # never wake a part twice
         if todo:
+            torch.cuda.empty_cache()  # hand torch's cached (freed) activation memory back first
             self.llm.wake_up(tags=todo)
             self._sleeping -= set(todo)
 
