@@ -54,6 +54,8 @@ def _child(spec: dict) -> None:
     responses = [torch.randint(3, vocab, (tokens,), generator=gen).tolist() for _ in range(rows)]
     packed = pack(prompts, responses, tok.pad_token_id)
     advantages = torch.randn(rows, generator=gen)
+    with torch.no_grad():  # weights may be memory-mapped: read them all so they count as loaded
+        sum(float(p.sum()) for p in model.parameters())
     loaded_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     stats = policy_update(model, optimizer, packed, advantages, cfg, precision=precision)

@@ -153,7 +153,7 @@ class AlgoConfig:
         "Exact on-policy check: the run stops when any response token's log-probability under the "
         "trainer differs from the sampler's by more than this (logged every step as "
         "logp_mismatch_max); 0 disables the check. `auto` depends on model.dtype: 1e-3 for float32 "
-        "(measured fp32 noise is below 1e-4), 0.5 for bfloat16 and 0.1 for float16 (the measured "
+        "(measured fp32 noise is below 1e-4), 1.0 for bfloat16 and 0.2 for float16 (the measured "
         "low-precision maxima with head-room; see opo.precision.AUTO_MISMATCH).", "auto")
 
 
