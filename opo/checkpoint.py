@@ -2,9 +2,12 @@
 
 A checkpoint is a folder RUN_DIR/checkpoints/step_N/ holding
 
-    model.safetensors      the weights (the fp32 master weights under mixed precision)
+    model.safetensors      the weights (the fp32 master weights under mixed precision); with
+                           frozen parameters (LoRA) only the trainable ones, since the
+                           frozen base is reloaded bit-identical from model.path on resume
     config.json, tokenizer files, generation_config.json
-                           so the folder also loads as a model (from_pretrained, opo eval)
+                           so the folder also loads as a model (from_pretrained, opo eval);
+                           with LoRA instead adapter/, a peft adapter folder (see opo.lora)
     optimizer.pt           optimiser state (tensors and numbers only; loaded weights_only=True)
     tensors.safetensors    torch RNG states and the KL probe
     trainer_state.json     step, policy version, data-sampler position, scheduler state,
@@ -56,6 +59,7 @@ class RunState:
     rows: list = field(default_factory=list)
     wall_seconds: float = 0.0
     world_size: int = 1           # data-parallel processes that wrote the checkpoint
+    grad_scaler: dict = field(default_factory=dict)  # float16's gradient scale (opo.precision)
 
 
 def _fsync(path: Path) -> None:
@@ -120,10 +124,13 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, state: 
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        if weights is None:
-            save_model(model, str(tmp / "model.safetensors"))
-        else:
+        trainable = _trainable_only(model)
+        if weights is not None:  # gathered by opo.parallel (FSDP2 shards)
             save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        elif trainable is not None:  # LoRA: only the adapters; the base comes from model.path
+            save_file(trainable, str(tmp / "model.safetensors"))
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state,
                    tmp / "optimizer.pt")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
@@ -156,7 +163,14 @@ def load_checkpoint(path: str | Path, *, model=None, optimizer=None) -> tuple[di
         state = json.loads((path / "trainer_state.json").read_text())
         tensors = load_file(str(path / "tensors.safetensors"))
         if model is not None:
-            missing_keys, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+            trainable = _trainable_only(model)
+            if trainable is None:
+                missing_keys, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+            else:  # frozen parameters come from model.path; the file holds the trained ones
+                saved = load_file(str(path / "model.safetensors"))
+                missing_keys, unexpected = set(trainable) - set(saved), set(saved) - set(trainable)
+                if not (missing_keys or unexpected):
+                    model.load_state_dict(saved, strict=False)
             if unexpected or missing_keys:
                 raise CheckpointError(f"checkpoint {path} does not match the model: missing "
                                       f"{sorted(missing_keys)[:3]}, unexpected {sorted(unexpected)[:3]}")
@@ -190,11 +204,25 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
     return found[-1][1]
 
 
+def _trainable_only(model) -> dict[str, torch.Tensor] | None:
+    """The trainable parameters when some are frozen (LoRA), else None (save the whole module)."""
+    params = dict(model.named_parameters())
+    if all(p.requires_grad for p in params.values()):
+        return None
+    return {n: p.detach().cpu().contiguous() for n, p in params.items() if p.requires_grad}
+
+
 def write_model_files(folder: Path, model, tokenizer=None) -> None:
     """config.json, generation_config.json and the tokenizer beside model.safetensors, so that
-    a checkpoint folder loads with `from_pretrained` and `opo eval --model` like `final/`."""
+    a checkpoint folder loads with `from_pretrained` and `opo eval --model` like `final/`.
+    A LoRA model gets adapter/ instead of config.json: its model.safetensors holds only the
+    adapters, so it must not look like a complete model."""
+    from opo import lora
+
     config = getattr(model, "config", None)
-    if config is not None:
+    if lora.is_lora(model):
+        lora.save_adapter(model, folder / "adapter")
+    elif config is not None:
         config.save_pretrained(folder)
     generation = getattr(model, "generation_config", None)
     if generation is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +36,35 @@ class RunConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = doc("LoRA rank (through peft, `pip install 'opo[lora]'`); 0 trains every weight. "
+                 "With r > 0 only the adapters train; the base weights stay frozen.", 0)
+    alpha: float = doc("LoRA scaling numerator: the adapter's output is scaled by alpha / r.", 16.0)
+    target_modules: list = doc(
+        "Module names that get adapters. The default covers the attention and MLP projections of "
+        "Llama/Qwen/Mistral/Gemma-style models.",
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    merge_on_save: bool = doc(
+        "`final/` holds the base model with the adapters merged in (loads with from_pretrained "
+        "like any model); false saves the adapter folder (adapter_config.json + "
+        "adapter_model.safetensors, loaded with peft on top of model.path).", True)
+
+
+@dataclass
 class ModelConfig:
     path: str = doc("Model: `tiny` or `tiny-scratchpad` (shipped), `smollm2-135m-instruct`, `gemma3-270m`, "
                     "a local Hugging Face folder, a .gguf file, or a hub id.", "tiny")
-    dtype: Literal["float32", "bfloat16", "float16"] = doc("Parameter dtype for training.", "float32")
+    dtype: Literal["float32", "bfloat16", "float16"] = doc(
+        "Compute dtype. bfloat16/float16 mean mixed precision: fp32 master weights and fp32 AdamW "
+        "state, every forward (sampling, loss, KL probe, evaluation) under torch.autocast; float16 "
+        "also scales gradients. Checkpoints hold the fp32 weights.", "float32")
+    pure_low_precision: bool = doc(
+        "Store the parameters themselves in model.dtype (no fp32 master weights): less memory, but "
+        "updates smaller than ~|w|/256 (bf16) are lost. Opt-in only; it warns.", False)
     device: str = doc("`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:N`.", "auto")
     cache_dir: str = doc("Where GGUF models are cached as safetensors; empty means ~/.cache/opo.", "")
     gradient_checkpointing: bool = doc("Trade compute for memory in the backward pass.", False)
+    lora: LoraConfig = doc("LoRA adapters (peft).", factory=LoraConfig)
 
 
 @dataclass
@@ -75,11 +98,26 @@ class PromptConfig:
 
 
 @dataclass
+class VLLMConfig:
+    gpu_memory_utilization: float = doc(
+        "Share of the GPU's memory vLLM may take for its weights and KV cache while awake; the "
+        "trainer's parameters, gradients and optimiser state must fit in the rest.", 0.4)
+    sleep_mode: bool = doc("Put vLLM to sleep (level 1: weights to CPU memory, KV cache freed) while "
+                           "the trainer computes gradients, and wake it for the weight push.", True)
+    max_model_len: int = doc("Longest prompt + response vLLM plans its KV cache for; 0 = the "
+                             "model's own limit.", 0)
+    enforce_eager: bool = doc("Skip CUDA graph capture (slower decoding, less memory, quicker start).",
+                              False)
+
+
+@dataclass
 class RolloutConfig:
-    engine: Literal["fast", "hf"] = doc(
+    engine: Literal["fast", "hf", "vllm"] = doc(
         "Rollout engine. `fast` is our KV-cached sampler on the transformers model (shared prompt "
-        "prefill, finished rows leave the batch); `hf` is transformers' own generate, the reference. "
-        "Both return per-token sampler log-probs.", "fast")
+        "prefill, finished rows leave the batch); `hf` is transformers' own generate, the reference; "
+        "`vllm` is vLLM colocated in the trainer process (CUDA only, `pip install 'opo[vllm]'`; "
+        "weights pushed after every optimiser step). All return per-token sampler log-probs.", "fast")
+    vllm: VLLMConfig = doc("vLLM engine settings (rollout.engine=vllm).", factory=VLLMConfig)
     prompts_per_step: int = doc("Prompts per rollout batch, in total: under torchrun each process takes "
                                 "an equal share of whole prompts, so use a multiple of the process count.", 16)
     samples_per_prompt: int = doc("K, responses sampled per prompt (the group size).", 8)
@@ -115,11 +153,12 @@ class AlgoConfig:
         "Response tokens sent through the output layer at once when computing log-probs; more "
         "than one chunk means each is recomputed in the backward pass, so the logits in memory "
         "never exceed [chunk, vocabulary]. 0 = all at once.", 4096)
-    max_logp_mismatch: float = doc(
+    max_logp_mismatch: float | Literal["auto"] = doc(
         "Exact on-policy check: the run stops when any response token's log-probability under the "
         "trainer differs from the sampler's by more than this (logged every step as "
-        "logp_mismatch_max). Measured fp32 noise is far below the default; 0 disables the check.",
-        1e-3)
+        "logp_mismatch_max); 0 disables the check. `auto` depends on model.dtype: 1e-3 for float32 "
+        "(measured fp32 noise is below 1e-4), 1.0 for bfloat16 and 0.2 for float16 (the measured "
+        "low-precision maxima with head-room; see opo.precision.AUTO_MISMATCH).", "auto")
 
 
 @dataclass
@@ -253,6 +292,14 @@ def _describe(tp: Any) -> str:
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; return it converted where lossless."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # e.g. float | Literal["auto"]: first that fits
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not allowed; use "
+                          + " or ".join(_describe(t) for t in typing.get_args(tp)))
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -368,6 +415,7 @@ COUNT_LIMITS = {
     "trainer.threads": 0, "trainer.log_every": 1, "trainer.warn_no_signal_steps": 0,
     "eval.samples": 1, "eval.batch_size": 0, "metrics.kl_probe_size": 0,
     "metrics.repetition_ngram": 1, "checkpoint.every": 0, "checkpoint.keep": 1, "reward.workers": 1,
+    "model.lora.r": 0, "rollout.vllm.max_model_len": 0,
 }
 
 
@@ -383,17 +431,26 @@ def validate(cfg: Config) -> None:
          "use one of " + ", ".join(sorted(ESTIMATORS)), cfg.algo.estimator)
     # Every size and count: a negative one would silently turn a loop into a no-op.
     for key, low in COUNT_LIMITS.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        *sections, name = key.split(".")
+        node = cfg
+        for section in sections:
+            node = getattr(node, section)
+        value = getattr(node, name)
         need(value >= low, key, f"use an integer >= {low}" + (" (0 = no limit / off)" if low == 0 else ""),
              value)
     need(cfg.rollout.top_k >= 0, "rollout.top_k", "use an integer >= 0 (0 = off)", cfg.rollout.top_k)
-    need(cfg.algo.max_logp_mismatch >= 0, "algo.max_logp_mismatch", "use a number >= 0 (0 = off)",
-         cfg.algo.max_logp_mismatch)
+    need(cfg.algo.max_logp_mismatch == "auto" or cfg.algo.max_logp_mismatch >= 0,
+         "algo.max_logp_mismatch", "use a number >= 0 (0 = off) or auto", cfg.algo.max_logp_mismatch)
+    need(not cfg.model.pure_low_precision or cfg.model.dtype != "float32", "model.pure_low_precision",
+         "it only applies with model.dtype bfloat16 or float16", cfg.model.pure_low_precision)
+    need(cfg.model.lora.r == 0 or bool(cfg.model.lora.target_modules), "model.lora.target_modules",
+         "name at least one module when model.lora.r > 0", cfg.model.lora.target_modules)
     need(cfg.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "use a number >= 0 (0 = off)",
          cfg.checkpoint.every_minutes)
     need(cfg.rollout.temperature > 0, "rollout.temperature", "use a number > 0",
          cfg.rollout.temperature)
+    need(0 < cfg.rollout.vllm.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization",
+         "use a number in (0, 1]", cfg.rollout.vllm.gpu_memory_utilization)
     need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "use a number in (0, 1]", cfg.rollout.top_p)
     n_seqs = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     need(cfg.algo.updates_per_batch <= n_seqs, "algo.updates_per_batch",

@@ -14,19 +14,20 @@ only rank 0 writes the run folder. One process is the same code with a world of 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from opo import checkpoint as ckpt
-from opo import parallel
+from opo import lora, parallel
 from opo.advantages import compute_advantages, estimator_needs
 from opo.checkpoint import RunState
 from opo.config import Config, apply_overrides, dump_yaml, from_dict, read_yaml
@@ -34,7 +35,8 @@ from opo.data import PromptSampler, derive_seed, encode_prompts, load_split
 from opo.evaluation import evaluate
 from opo.gradnorm import response_weights
 from opo.metrics import KLProbe, repetition_counts
-from opo.models import eos_ids, load_policy
+from opo.models import eos_ids, load_policy, pick_device
+from opo.precision import Precision
 from opo.rewards import RewardScorer
 from opo.rollout import SamplingParams, make_engine
 from opo.sequences import batched_logprobs, pack
@@ -74,6 +76,7 @@ class Run:
     log: object
     world: parallel.World
     policy: torch.nn.Module  # what is scored and optimised: `model`, or its DDP/FSDP2 wrapper
+    precision: Precision = field(default_factory=Precision)  # every policy forward runs under it
 
     def sampling(self) -> SamplingParams:
         r = self.cfg.rollout
@@ -82,19 +85,20 @@ class Run:
 
     def logprobs(self, packed):
         a = self.cfg.algo
-        return batched_logprobs(self.policy, packed, sampling_dist(self.cfg), max_rows=a.micro_batch_size,
-                                max_tokens=a.max_tokens_per_micro_batch, chunk_tokens=a.logprob_chunk_size,
-                                same_count=self.world.same_count)
+        with self.precision.autocast():
+            return batched_logprobs(self.policy, packed, sampling_dist(self.cfg), max_rows=a.micro_batch_size,
+                                    max_tokens=a.max_tokens_per_micro_batch, chunk_tokens=a.logprob_chunk_size,
+                                    same_count=self.world.same_count)
 
     def generate(self, prompt_ids, params: SamplingParams, *, main_only: bool = False):
         """Sample from the policy (on rank 0 alone with main_only; None elsewhere)."""
-        with parallel.gathered(self.policy):
+        with parallel.gathered(self.policy), self.precision.autocast():  # the loss forward's autocast
             return self.engine.generate(prompt_ids, params) if self.world.is_main or not main_only else None
 
     def evaluate(self) -> dict:
         """Held-out evaluation, each rank on its part of the problems; means over all of them."""
         e, mine = self.cfg.eval, self.world.split(self.held_out)
-        with parallel.gathered(self.policy):
+        with parallel.gathered(self.policy), self.precision.autocast():
             result = evaluate(self.engine, self.tokenizer, mine, self.scorer, self.cfg.prompt,
                               samples=e.samples, temperature=e.temperature, top_p=e.top_p, k=e.k,
                               max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens,
@@ -103,6 +107,7 @@ class Run:
 
     def save(self) -> None:
         """A checkpoint; every rank takes part (FSDP2 gathers, every rank's RNG state is kept)."""
+        self.state.grad_scaler = self.precision.state_dict()
         weights = parallel.full_weights(self.world, self.policy)
         optimizer_state = parallel.optimizer_state(self.world, self.policy, self.optimizer)
         rngs = self.world.all_gather_json(ckpt.rng_to_json(*ckpt.rng_state()))
@@ -210,32 +215,42 @@ def set_up(cfg: Config, resume: bool, log, world: parallel.World = parallel.SING
     train_set, held_out = split.train, split.held_out
     log(split.summary())
     scorer = RewardScorer.from_config(cfg.reward)
-    model, tokenizer = load_policy(cfg.model.path, cfg.model.dtype, world.device, cfg.model.cache_dir)
+    # Mixed precision: fp32 master weights, low-precision compute under autocast (opo.precision).
+    precision = Precision.from_config(cfg.model, pick_device(world.device))
+    model, tokenizer = load_policy(cfg.model.path, precision.param_dtype, world.device, cfg.model.cache_dir)
+    if cfg.model.lora.r:  # adapters injected in place: engines and scorer call the same module
+        lora.attach(model, cfg.model.lora.r, cfg.model.lora.alpha, cfg.model.lora.target_modules)
     if cfg.model.gradient_checkpointing:
         # HF only checkpoints activations in train() mode; dropout is off (see load_policy),
         # so train() and eval() compute the same function and sampling stays on-policy.
-        model.gradient_checkpointing_enable()
+        # Non-reentrant: gradients reach LoRA adapters even though the embeddings are frozen.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
     ref_model = None
     if cfg.algo.kl_coef > 0:  # only then does a second copy of the model live in memory
-        ref_model = load_policy(cfg.model.path, cfg.model.dtype, world.device, cfg.model.cache_dir)[0]
+        ref_model = load_policy(cfg.model.path, precision.param_dtype, world.device, cfg.model.cache_dir)[0]
         ref_model.requires_grad_(False)
     _warn_unknown_tokens(tokenizer, train_set, cfg, log)
     checkpoint = ckpt.latest_checkpoint(run_dir) if resume else None
     if checkpoint:  # the full weights, on every rank, before any sharding
         ckpt.load_checkpoint(checkpoint, model=model)
     policy = parallel.wrap(model, world, cfg.trainer.parallel)
-    engine = make_engine(cfg.rollout.engine, model, tokenizer, eos_ids(model, tokenizer), cfg.rollout.batch_size)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+    engine = make_engine(cfg.rollout.engine, model, tokenizer, eos_ids(model, tokenizer), cfg.rollout.batch_size,
+                         vllm_options={**dataclasses.asdict(cfg.rollout.vllm), "dtype": cfg.model.dtype,
+                                       "seed": cfg.trainer.seed})
+    trainable = [p for p in policy.parameters() if p.requires_grad]  # all of them, or the LoRA adapters
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     run = Run(cfg, run_dir, model, tokenizer, engine, optimizer, scheduler, scorer, train_set, held_out,
-              PromptSampler(len(train_set), cfg.trainer.seed), RunState(), None, ref_model, log, world, policy)
+              PromptSampler(len(train_set), cfg.trainer.seed), RunState(), None, ref_model, log, world, policy,
+              precision)
     if checkpoint:
         run.state, tensors = ckpt.restore_run(run_dir, None, None, scheduler, run.sampler, rank=world.rank,
                                               write_metrics=world.is_main)
         parallel.load_optimizer_state(world, policy, optimizer, lambda: ckpt.read_optimizer_state(checkpoint))
         run.probe = KLProbe.from_state_dict(tensors) if "probe.logp0" in tensors else None
+        precision.load_state_dict(run.state.grad_scaler)
         engine.sync_weights(model, run.state.policy_version)
         log(f"resumed {run_dir} at step {run.state.step}")
         if run.state.world_size != world.size:
@@ -289,7 +304,7 @@ def train_step(run: Run) -> dict:
     lr = run.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
     try:
         stats = policy_update(run.policy, run.optimizer, packed.to(device), run.world.local_part(adv).to(device),
-                              cfg, run.ref_model, timer, run.world)
+                              cfg, run.ref_model, timer, run.world, run.precision)
     except OffPolicyError as exc:
         raise TrainingError(f"step {state.step + 1}: {exc}") from None
     state.step += 1
@@ -422,7 +437,10 @@ def _save_final(run: Run) -> None:
         return
     tmp = run.dir / "final.tmp"
     ckpt.shutil.rmtree(tmp, ignore_errors=True)
-    run.model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+    if lora.is_lora(run.model):
+        lora.save_final(run.model, tmp, merge=run.cfg.model.lora.merge_on_save)
+    else:
+        run.model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
     run.tokenizer.save_pretrained(tmp)
     ckpt.replace_folder(tmp, run.dir / "final")
 

@@ -25,6 +25,7 @@ import torch
 
 from opo.loss import policy_loss
 from opo.parallel import SINGLE, World, clip_grad_norm
+from opo.precision import Precision, mismatch_limit
 from opo.sequences import Dist, Packed, batched_logprobs, score
 
 
@@ -55,7 +56,8 @@ def sampling_dist(cfg) -> Dist:
 
 
 def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cfg, ref_model=None,
-                  timer: PhaseTimer | None = None, world: World = SINGLE) -> dict:
+                  timer: PhaseTimer | None = None, world: World = SINGLE,
+                  precision: Precision | None = None) -> dict:
     """Apply the update for one rollout batch; return its statistics.
 
     packed.values may hold "sampler_logp" (the engine's per-token log-probs); then
@@ -66,9 +68,12 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
 
     `model` is the module to score and optimise: a causal LM, or its DDP/FSDP2 wrapper
     from `parallel.wrap`; `packed` and `advantages` hold this rank's rows only.
+    Forwards run under `precision`'s autocast (the trainer passes the run's, whose
+    gradient scaler lives across steps; by default one is built from cfg.model).
     """
     a = cfg.algo
     timer = timer or PhaseTimer()
+    amp = precision or Precision.from_config(cfg.model, next(model.parameters()).device)
     dist = sampling_dist(cfg)
     limits = {"max_rows": a.micro_batch_size, "max_tokens": a.max_tokens_per_micro_batch}
     on_policy = a.updates_per_batch == 1
@@ -78,7 +83,7 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
     mismatch = _Mismatch()
     batch_tokens = world.sum(packed.response_mask.sum())
     if not on_policy:
-        with timer("old_logprobs"):
+        with timer("old_logprobs"), amp.autocast():
             old = batched_logprobs(model, packed, dist, chunk_tokens=a.logprob_chunk_size,
                                    same_count=world.same_count, **limits)
         packed.values["old_logp"] = old
@@ -94,7 +99,7 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
         for idx in world.micro_batches(model, mini.micro_batches(**limits)):
             idx = torch.tensor(idx)
             micro = mini.rows(idx)
-            with timer("forward"):
+            with timer("forward"), amp.autocast():
                 logp, entropy = score(model, micro, dist, with_entropy=True,
                                       chunk_tokens=a.logprob_chunk_size)
                 ref = None
@@ -109,7 +114,7 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
             if on_policy:
                 mismatch.add(logp.detach(), micro)
             with timer("backward"):
-                (loss * world.size).backward()  # DDP and FSDP2 average gradients over ranks
+                amp.backward(loss * world.size)  # DDP and FSDP2 average gradients over ranks
             mini_loss += float(loss.detach())
             micro_tokens = float(micro.response_mask.sum())
             clipped += st["clip_frac"] * micro_tokens
@@ -117,16 +122,18 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
             stats["entropy"] += float((entropy * micro.response_mask).sum()) / batch_tokens
         if on_policy:
             mismatch.reduce(world)
-            mismatch.check(a.max_logp_mismatch)
+            mismatch.check(mismatch_limit(cfg))
         mini_loss, clipped = world.sum(mini_loss, clipped)
         with timer("optimizer"):
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            amp.unscale_(optimizer)
             grad_norm = clip_grad_norm(params, clip)
             if world.any(not (math.isfinite(grad_norm) and math.isfinite(mini_loss))):
                 optimizer.zero_grad(set_to_none=True)  # a NaN/inf step is skipped, never applied
+                amp.skip()
                 stats["bad_updates"] += 1
                 continue
-            optimizer.step()
+            amp.step(optimizer)
         stats["loss"] += mini_loss / a.updates_per_batch
         stats["grad_norm"] += grad_norm / a.updates_per_batch
         stats["clip_frac"] += clipped / max(mini_tokens, 1.0) / a.updates_per_batch
@@ -172,9 +179,9 @@ class _Mismatch:
             raise OffPolicyError(
                 f"the trainer's log-probabilities differ from the sampler's by up to {self.max:.3g} "
                 f"(algo.max_logp_mismatch={limit:g}): the update would not be exactly on-policy. "
-                f"Usual causes: low-precision compute (raise algo.max_logp_mismatch for bf16/fp16), "
-                f"a sampler that does not use the configured temperature/top_p/top_k, or an engine "
-                f"whose weights were not synced. No weights were changed by this step.")
+                f"Usual causes: a sampler that does not use the configured temperature/top_p/top_k, "
+                f"an engine whose weights were not synced, or low-precision kernel noise beyond the "
+                f"limit (`auto` picks one per model.dtype). No weights were changed by this step.")
 
     def summary(self) -> dict:
         if not self.seen:

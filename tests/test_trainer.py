@@ -9,6 +9,7 @@ from opo import trainer as trainer_mod
 from opo import update as update_mod
 from opo.cli import main
 from opo.config import load_config
+from opo.precision import mismatch_limit
 from opo.sequences import pack, score
 from opo.trainer import TrainingError, train
 from opo.update import policy_update
@@ -152,7 +153,7 @@ def _train_rows(micro_model_dir, run, **extra):
 def test_trainer_scores_under_the_sampling_distribution(micro_model_dir, tmp_path, engine, sampling):
     rows = _train_rows(micro_model_dir, tmp_path / "run", **{"trainer.steps": 3, "rollout.engine": engine,
                                                              "algo.micro_batch_size": 5, **sampling})
-    limit = load_config("tiny").algo.max_logp_mismatch
+    limit = mismatch_limit(load_config("tiny"))
     assert all(0 <= r["logp_mismatch_max"] < limit for r in rows)
     assert all(r["logp_mismatch_mean"] <= r["logp_mismatch_max"] for r in rows)
     assert all(r["ratio_max"] == 1.0 for r in rows)  # exact on-policy: the ratio is exactly 1

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from opo.rollout.base import RolloutBatch, RolloutEngine, SamplingParams, pad_left
 
-ENGINES = ("fast", "hf")
+ENGINES = ("fast", "hf", "vllm")
 
 
-def make_engine(kind: str, model, tokenizer, eos_ids: list[int], batch_size: int = 0) -> RolloutEngine:
-    """The rollout engine named `kind`, sampling from `model`."""
+def make_engine(kind: str, model, tokenizer, eos_ids: list[int], batch_size: int = 0,
+                vllm_options: dict | None = None) -> RolloutEngine:
+    """The rollout engine named `kind`, sampling from `model`; `vllm_options` go to VLLMEngine.
+
+    vLLM is imported only when it is asked for, so opo works without it."""
     if kind == "fast":
         from opo.rollout.fast import FastEngine
 
@@ -22,6 +25,10 @@ def make_engine(kind: str, model, tokenizer, eos_ids: list[int], batch_size: int
         from opo.rollout.hf import HFEngine
 
         return HFEngine(model, tokenizer, eos_ids, batch_size)
+    if kind == "vllm":
+        from opo.rollout.vllm import VLLMEngine
+
+        return VLLMEngine(model, tokenizer, eos_ids, batch_size, **(vllm_options or {}))
     raise ValueError(f"rollout.engine: unknown engine {kind!r}; available: {', '.join(ENGINES)}")
 
 
