@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from opo import run as run_mod
 from opo import trainer as trainer_mod
 from opo.cli import main
 from opo.config import ConfigError, load_config
@@ -109,7 +110,7 @@ def test_every_policy_forward_runs_under_the_same_autocast(micro_model_dir, tmp_
     """Sampling, the loss forward, the KL probe and evaluation all compute in bf16 with
     fp32 parameters; in float32 everything stays fp32."""
     seen = {"bfloat16": set(), "float32": set()}
-    real = trainer_mod.load_policy
+    real = run_mod.load_policy
 
     for dtype in seen:
         def hooked(*args, _dtype=dtype, **kwargs):
@@ -117,7 +118,7 @@ def test_every_policy_forward_runs_under_the_same_autocast(micro_model_dir, tmp_
             proj = model.model.layers[0].self_attn.q_proj
             proj.register_forward_hook(lambda mod, inp, out: seen[_dtype].add((out.dtype, mod.weight.dtype)))
             return model, tok
-        monkeypatch.setattr(trainer_mod, "load_policy", hooked)
+        monkeypatch.setattr(run_mod, "load_policy", hooked)
         train(load_config("tiny", micro_overrides(micro_model_dir, tmp_path / dtype, **{
             "model.dtype": dtype, "trainer.steps": 1})), log=lambda *a: None)
     assert seen["bfloat16"] == {(torch.bfloat16, torch.float32)}
