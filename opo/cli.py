@@ -156,6 +156,8 @@ def cmd_eval(args) -> int:
     print(f"opo eval: {cfg.model.path} on {task}, {len(held_out)} of {len(split.held_out)} held-out "
           f"problems; reward {cfg.reward.kind} (answer_format {cfg.reward.answer_format}), "
           f"{template} prompt, at most {max_new_tokens} new tokens", file=sys.stderr)
+    if cfg.trainer.threads:  # --set trainer.threads=1 helps on a machine shared with other jobs
+        torch.set_num_threads(cfg.trainer.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
