@@ -185,6 +185,8 @@ def run_evaluation(cfg: Config, *, limit: int = 0, seed: int = 0,
         log(f"opo eval: {cfg.model.path} on {task}, {len(held_out)} of {len(split.held_out)} held-out "
             f"problems; reward {cfg.reward.kind} (answer_format {cfg.reward.answer_format}), "
             f"{template} prompt, at most {max_new_tokens} new tokens")
+    if cfg.trainer.threads:  # trainer.threads=1 helps on a machine shared with other jobs
+        torch.set_num_threads(cfg.trainer.threads)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
