@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import sys
 from pathlib import Path
 
-from opo.config import ConfigError, allowed_values, apply_overrides, field_docs, list_presets, load_config
+from opo.config import ConfigError, allowed_values, field_docs, list_presets, load_config
 
 USAGE_ERRORS = (ConfigError, ValueError, FileNotFoundError)
 
