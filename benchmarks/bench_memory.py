@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 
 def _child(spec: dict) -> None:
@@ -77,13 +77,6 @@ def _measure(spec: dict) -> dict:
     return result
 
 
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -100,7 +93,7 @@ def main() -> None:
     import torch
 
     print(f"# one training step, {args.rows} rows x (16 prompt + {args.tokens} response) tokens; "
-          f"{_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
+          f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
           f"extra overrides: {' '.join(args.extra) or '-'}")
     print("| preset | params | vocab | logprob_chunk_size | peak RSS after load (MB) | peak RSS of the step (MB) "
           "| added by the step (MB) | step s |")

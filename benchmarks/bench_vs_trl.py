@@ -43,7 +43,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -52,6 +51,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 TRL_VERSION = "1.16.0"
 INSTALL_LINE = 'pip install -e ".[bench]"   (TRL ' + TRL_VERSION + ' and datasets)'
@@ -295,16 +296,6 @@ def measure_machine(threads: int) -> dict:
     out["bf16_peak"] = max(out["bf16"].values())
     out["bandwidth_gb_s"] = copy_bandwidth_gb_s()
     return out
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def cpu_flags() -> str:

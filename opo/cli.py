@@ -122,11 +122,16 @@ def cmd_eval(args) -> int:
         print(f"{'reward_errors':<15}{result['reward_errors']}")
     if args.samples_out:
         print(f"wrote every sample to {args.samples_out}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+    _write_json(args.out, result)
     return 0
+
+
+def _write_json(path: str | None, result: dict) -> None:
+    """The --out file of `opo eval` and `opo variance` (nothing when no path was given)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2))
+        print(f"wrote {path}")
 
 
 def cmd_compare(args) -> int:
@@ -211,10 +216,7 @@ def cmd_variance(args) -> int:
                   task=cfg.data.task or cfg.data.source, split=args.split)
     print()
     print(format_report(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+    _write_json(args.out, result)
     return 0
 
 

@@ -13,12 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # as when run as a script: its sibling modules import
     spec = importlib.util.spec_from_file_location("bench_vs_trl", ROOT / "benchmarks" / "bench_vs_trl.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench_vs_trl"] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     yield module
     sys.modules.pop("bench_vs_trl", None)
+    sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def test_parse_choices_aliases_order_and_errors(bench):

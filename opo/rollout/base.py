@@ -64,6 +64,22 @@ class RolloutEngine(Protocol):
     def sync_weights(self, model: torch.nn.Module, version: int) -> None: ...
 
 
+class LocalEngine:
+    """An engine that samples from the trainer's own module, so syncing weights is free:
+    only the version moves. `fast` and `hf` share this."""
+
+    def __init__(self, model, tokenizer, eos_ids: list[int], batch_size: int = 0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = list(eos_ids)
+        self.batch_size = batch_size
+        self.policy_version = 0
+
+    def sync_weights(self, model: torch.nn.Module, version: int) -> None:
+        self.model = model
+        self.policy_version = version
+
+
 def pad_left(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ids [B, L] and attention mask [B, L] (generation continues on the right)."""
     width = max(map(len, rows))

@@ -17,22 +17,11 @@ from __future__ import annotations
 import torch
 
 from opo.models import cache_kwarg
-from opo.rollout.base import RolloutBatch, SamplingParams, pad_left, prompt_chunks
+from opo.rollout.base import LocalEngine, RolloutBatch, SamplingParams, pad_left, prompt_chunks
 from opo.sampling import sample
 
 
-class FastEngine:
-    def __init__(self, model, tokenizer, eos_ids: list[int], batch_size: int = 0):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.eos_ids = list(eos_ids)
-        self.batch_size = batch_size
-        self.policy_version = 0
-
-    def sync_weights(self, model: torch.nn.Module, version: int) -> None:
-        self.model = model
-        self.policy_version = version
-
+class FastEngine(LocalEngine):
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> RolloutBatch:
         rows, groups, responses, reasons, logprobs = [], [], [], [], []

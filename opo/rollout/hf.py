@@ -11,21 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from opo.rollout.base import RolloutBatch, SamplingParams, cut_at_eos, pad_left, prompt_chunks
+from opo.rollout.base import LocalEngine, RolloutBatch, SamplingParams, cut_at_eos, pad_left, prompt_chunks
 
 
-class HFEngine:
-    def __init__(self, model, tokenizer, eos_ids: list[int], batch_size: int = 0):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.eos_ids = list(eos_ids)
-        self.batch_size = batch_size
-        self.policy_version = 0
-
-    def sync_weights(self, model: torch.nn.Module, version: int) -> None:
-        self.model = model
-        self.policy_version = version
-
+class HFEngine(LocalEngine):
     def generation_config(self, params: SamplingParams):
         """A complete config: every field that shapes the distribution is set here, so
         nothing falls back to defaults a checkpoint may ship (repetition penalties,
