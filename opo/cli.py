@@ -65,7 +65,9 @@ def eval_config(args):
 
     A preset's task settings (task_config, reward, instruction) belong to its own task: when
     --task/--data names a different one, those come from the new source's defaults instead
-    (opo.data.SourceDefaults). Raises ConfigError for any bad flag.
+    (opo.data.SourceDefaults). Likewise its prompt template belongs to its model: another
+    --model gets template auto (its chat template if it has one). Raises ConfigError for
+    any bad flag.
     """
     from opo.config import Config
     from opo.data import SOURCES, source_defaults
@@ -88,8 +90,9 @@ def eval_config(args):
         cfg.data.task_config = _parse_task_config(args.task_config)
     if args.reward:
         cfg.reward.kind = args.reward
-    if args.model:
+    if args.model and args.model != cfg.model.path:
         cfg.model.path = args.model
+        cfg.prompt.template = "auto"  # a preset's template suits its own model; a chat model gets its own
     if args.n is not None:
         cfg.eval.samples = args.n
     if args.k is not None:
