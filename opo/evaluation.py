@@ -103,7 +103,9 @@ def eval_settings(*, model: str | None = None, preset: str | None = None, task: 
 
     A preset's task settings (task_config, reward, instruction) belong to its own task: when
     `task`/`data` names a different one, those come from the new source's defaults instead
-    (opo.data.SourceDefaults). Raises ConfigError for any bad setting.
+    (opo.data.SourceDefaults). Likewise its prompt template belongs to its model: another
+    `model` gets template auto (its chat template if it has one). Raises ConfigError for any
+    bad setting.
     """
     import difflib
 
@@ -128,8 +130,9 @@ def eval_settings(*, model: str | None = None, preset: str | None = None, task: 
         cfg.data.task_config = dict(task_config)
     if reward:
         cfg.reward.kind = reward
-    if model:
+    if model and model != cfg.model.path:
         cfg.model.path = model
+        cfg.prompt.template = "auto"  # a preset's template suits its own model; a chat model gets its own
     if samples is not None:
         cfg.eval.samples = samples
     if k is not None:

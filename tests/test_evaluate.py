@@ -86,6 +86,10 @@ def test_preset_task_settings_do_not_leak_into_another_task():
     assert other.data.task == "basic_arithmetic" and other.data.task_config == {}
     assert other.model.path == "smollm2-135m-instruct"  # the model and eval settings stay
 
+    tiny = eval_config(_eval_args("--preset", "tiny", "--model", "smollm2-135m-instruct"))
+    assert tiny.prompt.template == "auto"  # the tiny preset's plain template is for its own model
+    assert eval_config(_eval_args("--preset", "tiny")).prompt.template == "plain"
+
     champ = eval_config(_eval_args("--preset", "smollm2", "--task", "champ"))
     assert (champ.data.source, champ.reward.kind) == ("champ", "math_verify")
     assert "boxed" in champ.prompt.instruction
