@@ -637,7 +637,8 @@ def child_opo(spec: dict) -> int:
         result["error"] = f"opo train exited with {rc}"
         _write_result(spec, result)
         return rc or 1
-    result["rows"] = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    result["rows"] = [r for r in rows if r.get("step", 0) >= 1]  # step 0 is the initial evaluation
     result["asked"] = asked
     _write_result(spec, result)
     return 0
@@ -682,7 +683,8 @@ def summarise(side: dict, warmup: int, timed: int, prompt_tokens_per_step: list[
         rows = side["rows"]
         seconds = [r["seconds"] for r in rows]
         lengths = [r["response_length_mean"] for r in rows]
-        names = sorted({k for r in rows for k in r if k.startswith("time_") or k == "eval_seconds"})
+        # Evaluation is logged apart (eval_seconds) and is not part of a step's `seconds`.
+        names = sorted({k for r in rows for k in r if k.startswith("time_")})
         series = {k: ([float(r.get(k) or 0.0) for r in rows], classify_phase(k)) for k in names}
     else:
         seconds = side["step_seconds"]

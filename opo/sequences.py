@@ -177,27 +177,68 @@ def can_share_prompts(model) -> bool:
     return True
 
 
+def length_buckets(lengths: list[int], overhead: int = 32) -> list[list[int]]:
+    """Split rows into buckets of similar length (longest first) so that padding each bucket
+    to its own longest row wastes little: minimises Σ rows x longest + overhead per bucket,
+    where `overhead` (in tokens) stands for the fixed cost of one more forward call.
+
+    An exact dynamic programme over the rows sorted by length, O(B²); above 512 rows,
+    consecutive slices of 64 sorted rows instead.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    n = len(order)
+    if n > 512:
+        return [order[i:i + 64] for i in range(0, n, 64)]
+    best = [0] + [float("inf")] * n      # best[j]: cost of bucketing the j longest rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):               # last bucket = sorted rows i..j-1, padded to row i's length
+            c = best[i] + (j - i) * lengths[order[i]] + overhead
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    buckets, j = [], n
+    while j > 0:
+        buckets.append(order[cut[j]:j])
+        j = cut[j]
+    return buckets[::-1]
+
+
 def _hidden_shared(model, packed: Packed) -> torch.Tensor:
-    """Hidden states [B, T, H] that predict response tokens 0..T-1, one prompt pass per prompt."""
+    """Hidden states [B, T, H] that predict response tokens 0..T-1, one prompt pass per prompt.
+
+    The prompts run once; their keys and values then serve every row, and the responses run
+    in buckets of similar length (`length_buckets`), so short responses are not padded to
+    the longest one. Gradients reach each prompt pass once, through all rows that used it.
+    """
     from transformers import DynamicCache
 
     decoder = model.get_decoder()
+    kw = cache_kwarg(decoder)
     prompt_pos = (packed.prompt_mask.cumsum(-1) - 1).clamp_min(0)
     cache = DynamicCache(config=model.config)
-    kw = cache_kwarg(decoder)
     out = decoder(input_ids=packed.prompt_ids, attention_mask=packed.prompt_mask, position_ids=prompt_pos,
                   use_cache=True, **{kw: cache})
     last = out.last_hidden_state[:, -1]                         # [G, H]: predicts response token 0
-    cache.batch_select_indices(packed.row_group)                # prompt keys/values for each row
-    t = packed.response_ids.shape[1]
-    if t > 1:
-        mask = torch.cat([packed.prompt_mask[packed.row_group], packed.response_mask.long()], dim=-1)
-        start = packed.prompt_mask.sum(-1)[packed.row_group]
-        pos = start[:, None] + torch.arange(t - 1, device=start.device)
-        out = decoder(input_ids=packed.response_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos,
-                      use_cache=True, **{kw: cache})
-        return torch.cat([last[packed.row_group, None], out.last_hidden_state], dim=1)
-    return last[packed.row_group, None]
+    prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]
+    starts = packed.prompt_mask.sum(-1)                         # real prompt tokens per prompt
+    b, t = packed.response_ids.shape
+    hidden = last.new_zeros(b, t, last.shape[-1])
+    for rows in length_buckets(packed.response_lengths()):
+        idx = torch.tensor(rows, device=last.device)
+        groups = packed.row_group[idx]
+        width = int(packed.response_mask[idx].sum(-1).max())
+        parts = [last[groups, None]]
+        if width > 1:
+            bucket_cache = DynamicCache(ddp_cache_data=[(k[groups], v[groups]) for k, v in prompt_kv],
+                                        config=model.config)
+            mask = torch.cat([packed.prompt_mask[groups], packed.response_mask[idx, :width - 1].long()], dim=-1)
+            pos = starts[groups, None] + torch.arange(width - 1, device=idx.device)
+            out = decoder(input_ids=packed.response_ids[idx, :width - 1], attention_mask=mask, position_ids=pos,
+                          use_cache=True, **{kw: bucket_cache})
+            parts.append(out.last_hidden_state)
+        cols = torch.arange(width, device=idx.device)
+        hidden = hidden.index_put((idx[:, None], cols[None, :]), torch.cat(parts, dim=1))
+    return hidden
 
 
 def _hidden_full(model, packed: Packed) -> torch.Tensor:

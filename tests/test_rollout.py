@@ -241,3 +241,22 @@ def test_micro_batch_plan_keeps_groups_together_and_counts_shared_prompts():
         assert cost <= 40 or len(mb) == 1
     # Group 0 (3 rows of <= 6 tokens after a 10-token prompt: cost 28) fits whole.
     assert any(sorted(mb) == [0, 1, 2] for mb in plan)
+
+
+def test_length_buckets_cover_every_row_and_cut_padding():
+    import itertools
+
+    from opo.sequences import length_buckets
+
+    lengths = [3, 60, 7, 58, 12, 64, 5, 33]
+    buckets = length_buckets(lengths, overhead=32)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+
+    def cost(bs):
+        return sum(len(b) * max(lengths[i] for i in b) + 32 for b in bs)
+
+    # Exhaustive check: no split of the length-sorted rows into consecutive buckets is cheaper.
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best = min(cost([order[a:b] for a, b in zip((0,) + cuts, cuts + (len(order),))])
+               for r in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), r))
+    assert cost(buckets) == best < len(lengths) * max(lengths) + 32

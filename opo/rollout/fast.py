@@ -15,6 +15,8 @@ The model runs in whatever mode the trainer keeps it in (dropout is off at load,
 from __future__ import annotations
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from opo.models import cache_kwarg
 from opo.rollout.base import LocalEngine, RolloutBatch, SamplingParams, pad_left, prompt_chunks
@@ -45,14 +47,16 @@ class FastEngine(LocalEngine):
         return out.logits[:, -1]
 
     def _sample(self, prompts: list[list[int]], params: SamplingParams):
-        from transformers import DynamicCache
-
         device = next(self.model.parameters()).device
         n, budget = params.n, params.max_new_tokens
         ids, mask = pad_left(prompts, self.tokenizer.pad_token_id, device)
         # Left padding: a row's positions count its real tokens only, as in training.
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache(config=self.model.config)
+        if all(type(layer) is DynamicLayer for layer in cache.layers):
+            # Room for the whole response up front: the default layer re-copies its keys and
+            # values into a new tensor at every token (a quarter of a SmolLM2 decode step).
+            cache.layers = [PreallocatedLayer(ids.shape[1] + budget) for _ in cache.layers]
         logits = self._forward(ids, mask, positions, cache)  # one prefill per prompt
         if n > 1:
             cache.batch_repeat_interleave(n)
@@ -92,3 +96,51 @@ class FastEngine(LocalEngine):
         reasons = ["stop" if row[-1] in eos_set else "length" for row in responses]
         return responses, reasons, logprobs
 
+
+class PreallocatedLayer(DynamicLayer):
+    """A cache layer with room for `capacity` positions, written in place.
+
+    `keys`/`values` are views of the filled part, so everything transformers reads
+    (sequence length, mask sizes) behaves as for its own growing layer; only `update`
+    differs: it writes into the buffer instead of concatenating a new one.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.filled = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.device = key_states.device
+        self._keys = key_states.new_empty(b, h, self.capacity, d)
+        self._values = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+        self._expose()
+        self.is_initialized = True
+
+    def _expose(self) -> None:
+        self.keys = self._keys[..., :self.filled, :]
+        self.values = self._values[..., :self.filled, :]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.filled + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"preallocated cache of {self.capacity} positions is full")
+        self._keys[..., self.filled:end, :] = key_states
+        self._values[..., self.filled:end, :] = value_states
+        self.filled = end
+        self._expose()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._keys, self._values = self._keys[indices], self._values[indices]
+            self._expose()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._keys = self._keys.repeat_interleave(repeats, dim=0)
+            self._values = self._values.repeat_interleave(repeats, dim=0)
+            self._expose()
