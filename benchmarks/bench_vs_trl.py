@@ -708,9 +708,24 @@ def summarise(side: dict, warmup: int, timed: int, prompt_tokens_per_step: list[
     }
 
 
+def executed_training_flops(side: str, n_params: int, summary: dict, k: int, trl_checkpointing: bool) -> float:
+    """What a side's training phases actually compute, as opposed to the useful work both are
+    credited with: opo passes each distinct prompt through the model once for its K responses
+    (`opo.sequences`), so its prompt tokens count once per group; TRL runs every row's prompt
+    and, with gradient checkpointing, repeats the forward in the backward pass (8 N per token)."""
+    if side == "opo":
+        return training_flops(n_params, round(summary["prompt_tokens"] / k + summary["generated_tokens"]))
+    tokens = round(summary["prompt_tokens"] + summary["generated_tokens"])
+    return training_flops(n_params, tokens) * (8.0 / 6.0 if trl_checkpointing else 1.0)
+
+
 def flop_report(label: str, summary: dict, n_params: int, machine: dict | None, dtype: str,
-                batch: int) -> list[str]:
-    """Achieved FLOP rates against the measured peaks, and generation against bandwidth."""
+                batch: int, executed_train_f: float | None = None) -> list[str]:
+    """Achieved FLOP rates against the measured peaks, and generation against bandwidth.
+
+    The rates use the useful work (the same numerator for both sides); `executed_train_f`,
+    when given, adds the training phases' rate on the FLOPs the side really computes, which
+    is the hardware-efficiency figure."""
     trained = summary["prompt_tokens"] + summary["generated_tokens"]
     train_f = training_flops(n_params, round(trained))
     gen_f = generation_flops(n_params, round(summary["prompt_tokens"]), round(summary["generated_tokens"]))
@@ -731,7 +746,12 @@ def flop_report(label: str, summary: dict, n_params: int, machine: dict | None, 
         rate = train_f / train_time / 1e9
         share = of_peak(rate)
         names = " + ".join(k for k, p in phases.items() if p["kind"] == "training")
-        lines.append(f"    training phases ({names}): {train_time:.2f} s, {rate:.1f} GFLOP/s{share}")
+        lines.append(f"    training phases ({names}): {train_time:.2f} s, {rate:.1f} GFLOP/s{share} "
+                     f"(useful work)")
+        if executed_train_f:
+            rate = executed_train_f / train_time / 1e9
+            lines.append(f"    training phases, FLOPs actually computed ({executed_train_f / 1e12:.3f} TFLOP): "
+                         f"{rate:.1f} GFLOP/s{of_peak(rate)}")
     else:
         lines.append("    training phases: no per-phase times reported by this side")
     if gen_time > 0:
@@ -827,7 +847,8 @@ def run_pair(model_key: str, dtype: str, args, work: Path, machine: dict | None,
                       f"the planned prompt order")
     if checks:
         print("   prompt order check: " + "; ".join(checks))
-    return {"model": model_key, "dtype": dtype, "results": results, "batch": prompts_per_step * k,
+    return {"model": model_key, "dtype": dtype, "results": results, "batch": prompts_per_step * k, "k": k,
+            "trl_checkpointing": args.trl_gradient_checkpointing == "on",
             "same_ids": same_ids, "n_params": count_parameters(model_dir)}
 
 
@@ -866,7 +887,9 @@ def print_pair(pair: dict, machine: dict | None) -> dict:
                   + "; ".join(f"{k} {p['seconds']:.2f} [{p['kind']}]" for k, p in phases.items()))
         else:
             print(f"   {label} phases: none reported (only whole-step time)")
-        for line in flop_report(label, r["summary"], pair["n_params"], machine, pair["dtype"], pair["batch"]):
+        executed = executed_training_flops(side, pair["n_params"], r["summary"], pair["k"], pair["trl_checkpointing"])
+        for line in flop_report(label, r["summary"], pair["n_params"], machine, pair["dtype"], pair["batch"],
+                                executed):
             print(line)
     return row
 

@@ -214,14 +214,21 @@ def _hidden_shared(model, packed: Packed) -> torch.Tensor:
 
     decoder = model.get_decoder()
     kw = cache_kwarg(decoder)
+    # One embedding lookup for all tokens, prompts and responses: the backward pass of each
+    # lookup builds a dense [vocabulary, hidden] gradient (113 MB for SmolLM2), so a lookup
+    # per bucket would fill and add that table once per bucket.
+    g, p = packed.prompt_ids.shape
+    b, t = packed.response_ids.shape
+    embedded = decoder.get_input_embeddings()(torch.cat([packed.prompt_ids.reshape(-1),
+                                                         packed.response_ids.reshape(-1)]))
+    prompt_emb, response_emb = embedded[:g * p].view(g, p, -1), embedded[g * p:].view(b, t, -1)
     prompt_pos = (packed.prompt_mask.cumsum(-1) - 1).clamp_min(0)
     cache = DynamicCache(config=model.config)
-    out = decoder(input_ids=packed.prompt_ids, attention_mask=packed.prompt_mask, position_ids=prompt_pos,
+    out = decoder(inputs_embeds=prompt_emb, attention_mask=packed.prompt_mask, position_ids=prompt_pos,
                   use_cache=True, **{kw: cache})
     last = out.last_hidden_state[:, -1]                         # [G, H]: predicts response token 0
     prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]
     starts = packed.prompt_mask.sum(-1)                         # real prompt tokens per prompt
-    b, t = packed.response_ids.shape
     hidden = last.new_zeros(b, t, last.shape[-1])
     for rows in length_buckets(packed.response_lengths()):
         idx = torch.tensor(rows, device=last.device)
@@ -233,7 +240,7 @@ def _hidden_shared(model, packed: Packed) -> torch.Tensor:
                                         config=model.config)
             mask = torch.cat([packed.prompt_mask[groups], packed.response_mask[idx, :width - 1].long()], dim=-1)
             pos = starts[groups, None] + torch.arange(width - 1, device=idx.device)
-            out = decoder(input_ids=packed.response_ids[idx, :width - 1], attention_mask=mask, position_ids=pos,
+            out = decoder(inputs_embeds=response_emb[idx, :width - 1], attention_mask=mask, position_ids=pos,
                           use_cache=True, **{kw: bucket_cache})
             parts.append(out.last_hidden_state)
         cols = torch.arange(width, device=idx.device)
@@ -319,10 +326,9 @@ def _score_lm(model, packed: Packed, dist: Dist, *, with_entropy: bool, chunk_to
     def chunk_scores(h_c, t_c):
         # One output-layer product serves both the log-probs and the (detached) entropy.
         logits = head(h_c)
-        logp = sampling.target_logprobs(logits, t_c, dist.temperature, dist.top_p, dist.top_k)
         if not with_entropy:
-            return logp, None
-        return logp, sampling.entropy(logits, dist.temperature, dist.top_p, dist.top_k)
+            return sampling.target_logprobs(logits, t_c, dist.temperature, dist.top_p, dist.top_k), None
+        return sampling.target_logprobs_and_entropy(logits, t_c, dist.temperature, dist.top_p, dist.top_k)
 
     n = h.shape[0]
     size = chunk_tokens if chunk_tokens and chunk_tokens < n else max(n, 1)

@@ -193,3 +193,13 @@ def test_launcher_keeps_this_process_peak_out_of_the_child(bench):
     assert done["exit"] == 0
     assert done["maxrss_kb"] * 1024 < 100 * 2**20  # an empty interpreter, not 300 MB
     assert done["launcher_vmhwm_kb"] * 1024 < 100 * 2**20
+
+
+def test_executed_flops_count_shared_prompts_once_and_trl_recomputation(bench):
+    summary = {"prompt_tokens": 800.0, "generated_tokens": 200.0}
+    n = 1000
+    # opo passes each of the 100 distinct prompt tokens once for its 8 responses.
+    assert bench.executed_training_flops("opo", n, summary, 8, True) == 6 * n * (100 + 200)
+    # TRL runs every row's prompt, and gradient checkpointing adds a forward (8 N per token).
+    assert bench.executed_training_flops("trl", n, summary, 8, True) == 8 * n * 1000
+    assert bench.executed_training_flops("trl", n, summary, 8, False) == 6 * n * 1000

@@ -204,15 +204,22 @@ def _group_batch(tok, seed=0):
     return pack(prompts, responses, tok.pad_token_id)
 
 
-def test_shared_prompt_pass_equals_one_full_pass_per_row(micro_policy):
-    """Reusing a prompt's keys/values for its K rows gives the same log-probs, entropy and gradients."""
+@pytest.mark.parametrize("dist", [Dist(0.9, 0.95, 0), Dist(1.0, 1.0, 0), Dist(0.7, 1.0, 0)])
+@pytest.mark.parametrize("buckets", ["planned", "one per row"])
+def test_shared_prompt_pass_equals_one_full_pass_per_row(micro_policy, monkeypatch, dist, buckets):
+    """Reusing a prompt's keys/values for its K rows gives the same log-probs, entropy and gradients,
+    however the rows are cut into length buckets (one shared embedding lookup serves them all)."""
+    import opo.sequences
+
     model, tok = micro_policy
     packed = _group_batch(tok)
     assert packed.prompt_ids.shape[0] == 3 and packed.num_rows == 11
+    if buckets == "one per row":
+        monkeypatch.setattr(opo.sequences, "length_buckets", lambda lengths: [[i] for i in range(len(lengths))])
     results = []
     for share in (True, False):
         model.zero_grad(set_to_none=True)
-        logp, ent = score(model, packed, Dist(0.9, 0.95, 0), with_entropy=True, share_prompts=share)
+        logp, ent = score(model, packed, dist, with_entropy=True, share_prompts=share)
         (logp * packed.response_mask * torch.linspace(-1, 1, packed.num_rows)[:, None]).sum().backward()
         results.append((logp.detach(), ent, [p.grad.clone() for p in model.parameters()]))
     (la, ea, ga), (lb, eb, gb) = results

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from opo.sampling import entropy, filter_logits, sample, target_logprobs
+from opo.sampling import entropy, filter_logits, sample, target_logprobs, target_logprobs_and_entropy
 
 
 def _hf_processed(logits, temperature, top_p, top_k):
@@ -70,3 +70,29 @@ def test_greedy_sampling_is_the_argmax():
     logits = torch.tensor([[0.1, 3.0, -1.0], [2.0, 0.0, 1.0]])
     tokens, logp = sample(logits, 0.0)
     assert tokens.tolist() == [1, 0] and logp.tolist() == [0.0, 0.0]
+
+
+def test_a_draw_at_the_top_of_the_cdf_stays_in_the_support(monkeypatch):
+    """u rounding up to the total probability must pick the last token with mass, never a
+    filtered-out token after it."""
+    logits = torch.tensor([[0.0, 1.0, 2.0, 0.5]]).expand(4, -1).clone()
+    logits[:, 3] = float("-inf")
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(*shape[0], dtype=kw.get("dtype")))
+    tokens, logp = sample(logits, 1.0)
+    assert tokens.tolist() == [2, 2, 2, 2]
+    assert torch.allclose(logp, torch.log_softmax(logits, -1)[:, 2])
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 1.0, 0), (0.7, 1.0, 0), (1.0, 0.9, 0), (0.8, 1.0, 5)])
+def test_joint_logprobs_and_entropy_equal_the_separate_ones(temperature, top_p, top_k):
+    torch.manual_seed(3)
+    logits = (torch.randn(6, 50) * 3).requires_grad_(True)
+    targets = torch.randint(0, 50, (6,))
+    logp, ent = target_logprobs_and_entropy(logits, targets, temperature, top_p, top_k)
+    assert not ent.requires_grad
+    assert torch.allclose(ent, entropy(logits, temperature, top_p, top_k), atol=1e-5)
+    expect = target_logprobs(logits, targets, temperature, top_p, top_k)
+    assert torch.allclose(logp, expect, atol=1e-6)
+    g1, = torch.autograd.grad(logp.sum(), logits)
+    g2, = torch.autograd.grad(expect.sum(), logits)
+    assert torch.allclose(g1, g2, atol=1e-6)
