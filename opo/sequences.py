@@ -203,6 +203,15 @@ def length_buckets(lengths: list[int], overhead: int = 32) -> list[list[int]]:
     return buckets[::-1]
 
 
+def _sharded(module: torch.nn.Module) -> bool:
+    """Whether FSDP2 shards any part of `module` (then its forwards are collectives)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
 def _hidden_shared(model, packed: Packed) -> torch.Tensor:
     """Hidden states [B, T, H] that predict response tokens 0..T-1, one prompt pass per prompt.
 
@@ -230,19 +239,25 @@ def _hidden_shared(model, packed: Packed) -> torch.Tensor:
     prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]
     starts = packed.prompt_mask.sum(-1)                         # real prompt tokens per prompt
     hidden = last.new_zeros(b, t, last.shape[-1])
-    for rows in length_buckets(packed.response_lengths()):
+    # Under FSDP2 every decoder forward all-gathers each layer, so all ranks must make the same
+    # number of them, whatever their responses' lengths: one bucket, and a response pass even
+    # when every response of the micro-batch is a single token (its output is then unused).
+    sharded = _sharded(decoder)
+    buckets = [list(range(b))] if sharded else length_buckets(packed.response_lengths())
+    for rows in buckets:
         idx = torch.tensor(rows, device=last.device)
         groups = packed.row_group[idx]
         width = int(packed.response_mask[idx].sum(-1).max())
         parts = [last[groups, None]]
-        if width > 1:
+        if width > 1 or sharded:
+            steps = max(width - 1, 1)
             bucket_cache = DynamicCache(ddp_cache_data=[(k[groups], v[groups]) for k, v in prompt_kv],
                                         config=model.config)
-            mask = torch.cat([packed.prompt_mask[groups], packed.response_mask[idx, :width - 1].long()], dim=-1)
-            pos = starts[groups, None] + torch.arange(width - 1, device=idx.device)
-            out = decoder(inputs_embeds=response_emb[idx, :width - 1], attention_mask=mask, position_ids=pos,
+            mask = torch.cat([packed.prompt_mask[groups], packed.response_mask[idx, :steps].long()], dim=-1)
+            pos = starts[groups, None] + torch.arange(steps, device=idx.device)
+            out = decoder(inputs_embeds=response_emb[idx, :steps], attention_mask=mask, position_ids=pos,
                           use_cache=True, **{kw: bucket_cache})
-            parts.append(out.last_hidden_state)
+            parts.append(out.last_hidden_state[:, :width - 1])
         cols = torch.arange(width, device=idx.device)
         hidden = hidden.index_put((idx[:, None], cols[None, :]), torch.cat(parts, dim=1))
     return hidden
