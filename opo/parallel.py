@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from opo.config import ConfigError
-from opo.sequences import Dist, Packed, ScoreModule
+from opo.sequences import Dist, Packed, ScoreModule, is_sharded
 
 PARALLEL_KINDS = ("ddp", "fsdp")
 
@@ -300,14 +300,6 @@ def wrap(model: torch.nn.Module, world: World, kind: str = "ddp") -> torch.nn.Mo
         root(probe, Dist())
     root.reset_iter_state()
     return root
-
-
-def is_sharded(policy: torch.nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return False
-    return isinstance(policy, FSDPModule)
 
 
 @contextmanager

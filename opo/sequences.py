@@ -203,8 +203,10 @@ def length_buckets(lengths: list[int], overhead: int = 32) -> list[list[int]]:
     return buckets[::-1]
 
 
-def _sharded(module: torch.nn.Module) -> bool:
-    """Whether FSDP2 shards any part of `module` (then its forwards are collectives)."""
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether FSDP2 shards `module` or any part of it (then its forwards are collectives).
+    `opo.parallel` shards the decoder layers and the root, so this holds for the wrapped
+    policy and for the decoder inside it alike."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
@@ -242,7 +244,7 @@ def _hidden_shared(model, packed: Packed) -> torch.Tensor:
     # Under FSDP2 every decoder forward all-gathers each layer, so all ranks must make the same
     # number of them, whatever their responses' lengths: one bucket, and a response pass even
     # when every response of the micro-batch is a single token (its output is then unused).
-    sharded = _sharded(decoder)
+    sharded = is_sharded(decoder)
     buckets = [list(range(b))] if sharded else length_buckets(packed.response_lengths())
     for rows in buckets:
         idx = torch.tensor(rows, device=last.device)
