@@ -225,6 +225,16 @@ class TrainerConfig:
     profile: bool = doc("Print a table of seconds per phase of a step (generation, reward, "
                         "forward, backward, optimiser, metrics, KL probe) at the end. The "
                         "per-step figures are always in metrics.jsonl as time_* fields.", False)
+    loggers: list = doc(
+        "Also send every metrics.jsonl row to these, with the same field names and `step` as the "
+        "x-axis: 'tensorboard' (event files in RUN/tensorboard; `pip install 'opo[tensorboard]'`) "
+        "and/or 'wandb' (a Weights & Biases run in RUN/wandb; `pip install 'opo[wandb]'`). "
+        "metrics.jsonl is always written and stays the record. Empty: none.", factory=list)
+    wandb_project: str = doc("W&B project the run is logged under (trainer.loggers with 'wandb').", "opo")
+    wandb_mode: Literal["offline", "online"] = doc(
+        "W&B mode. offline: everything stays in RUN/wandb and needs no network or account "
+        "(upload later with `wandb sync RUN/wandb/offline-run-*`); online: streams to the W&B "
+        "server, which needs network access and `wandb login`.", "offline")
 
 
 @dataclass
@@ -328,8 +338,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is list or origin is list:
         if isinstance(value, list):
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return [value]
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            return [value]  # key=x on the command line means the one-element list [x]
     raise ConfigError(f"{key}: expected {_describe(tp)}, got {type(value).__name__} {value!r}")
 
 
@@ -461,6 +471,13 @@ def validate(cfg: Config) -> None:
     for k in cfg.eval.k:
         need(isinstance(k, int) and 1 <= k <= cfg.eval.samples, "eval.k",
              f"use integers between 1 and eval.samples ({cfg.eval.samples})", cfg.eval.k)
+    from opo.loggers import LOGGERS, check_installed
+    for name in cfg.trainer.loggers:
+        need(name in LOGGERS, "trainer.loggers", "use a list of " + " and/or ".join(LOGGERS),
+             cfg.trainer.loggers)
+    need(len(set(cfg.trainer.loggers)) == len(cfg.trainer.loggers), "trainer.loggers",
+         "name each logger once", cfg.trainer.loggers)
+    check_installed(cfg.trainer.loggers)
     need(cfg.reward.timeout_s > 0, "reward.timeout_s", "use a number > 0", cfg.reward.timeout_s)
     _validate_data_reward_eval(cfg, need)
 

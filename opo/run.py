@@ -24,6 +24,7 @@ from opo.checkpoint import RunState
 from opo.config import Config, apply_overrides, dump_yaml, from_dict, read_yaml
 from opo.data import PromptSampler, derive_seed, encode_prompts, load_split
 from opo.evaluation import evaluate
+from opo.loggers import Loggers
 from opo.metrics import KLProbe
 from opo.models import eos_ids, load_policy, pick_device
 from opo.precision import Precision
@@ -59,6 +60,7 @@ class Run:
     world: parallel.World
     policy: torch.nn.Module  # what is scored and optimised: `model`, or its DDP/FSDP2 wrapper
     precision: Precision = field(default_factory=Precision)  # every policy forward runs under it
+    loggers: Loggers = field(default_factory=Loggers)  # trainer.loggers: mirrors of metrics.jsonl
 
     def sampling(self) -> SamplingParams:
         r = self.cfg.rollout
@@ -191,6 +193,7 @@ def set_up(cfg: Config, resume: bool, log, world: parallel.World = parallel.SING
             (run_dir / "metrics.jsonl").write_text("")
         run.probe = make_probe(run)
     run.state.world_size = world.size
+    run.loggers = Loggers.from_config(cfg, run_dir, run.state.step if checkpoint else 0, world.is_main)
     return run
 
 
@@ -226,6 +229,7 @@ def write_row(run: Run, row: dict) -> None:
     if run.world.is_main:
         with open(run.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        run.loggers.log(row)  # after the file: metrics.jsonl stays the record
 
 
 def save_final(run: Run) -> None:

@@ -93,6 +93,7 @@ def _train(cfg: Config, resume: bool, log, world: parallel.World) -> dict:
         launcher = "opo train" if world.size == 1 else "torchrun <the same options> -m opo train"
         log(f"stopped after step {state.step}; resume with: {launcher} --resume {run.dir}")
         run.scorer.close()
+        run.loggers.close()
         return {"stopped_at": state.step}
     return finish(run)
 
@@ -215,6 +216,7 @@ def finish(run: Run) -> dict:
     final_accuracy = last["eval_accuracy"] if "eval_accuracy" in last else run.evaluate()["accuracy"]
     save_final(run)
     run.scorer.close()
+    run.loggers.close()
     summary = {"initial_accuracy": state.initial_accuracy, "final_accuracy": final_accuracy,
                "steps": state.step, "wall_seconds": state.wall_seconds, "estimator": run.cfg.algo.estimator,
                "skipped_steps": state.skipped_steps,
