@@ -135,6 +135,8 @@ def eval_settings(*, model: str | None = None, preset: str | None = None, task: 
         cfg.prompt.template = "auto"  # a preset's template suits its own model; a chat model gets its own
     if samples is not None:
         cfg.eval.samples = samples
+        if k is None:  # the preset's k values were chosen for its own samples; keep those that fit
+            cfg.eval.k = [x for x in cfg.eval.k if x <= samples] or [1]
     if k is not None:
         cfg.eval.k = list(k)
         cfg.eval.samples = max(cfg.eval.samples, *cfg.eval.k)

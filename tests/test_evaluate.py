@@ -111,6 +111,17 @@ def test_eval_flags_and_source_defaults():
     assert (cfg.reward.kind, cfg.eval.temperature, cfg.eval.max_new_tokens) == ("reasoning_gym", 0.5, 64)
 
 
+def test_eval_n_keeps_only_the_preset_k_values_it_can_report():
+    from opo.cli import eval_config
+
+    # smollm2's preset evaluates 4 samples with k = [1, 4]; greedy (--n 1) used to be refused.
+    greedy = eval_config(_eval_args("--preset", "smollm2", "--n", "1", "--temperature", "0"))
+    assert (greedy.eval.samples, greedy.eval.k, greedy.eval.temperature) == (1, [1], 0.0)
+    assert eval_config(_eval_args("--preset", "smollm2", "--n", "2")).eval.k == [1]
+    assert eval_config(_eval_args("--preset", "smollm2", "--n", "8")).eval.k == [1, 4]
+    assert eval_config(_eval_args("--preset", "smollm2", "--n", "2", "--k", "1,2")).eval.k == [1, 2]
+
+
 def test_eval_token_limit_follows_source_and_prompt():
     from types import SimpleNamespace
 
