@@ -88,18 +88,23 @@ def _gguf_to_folder(gguf: Path, cache_dir: str) -> Path:
     if missing:
         raise ModelError(f"loading GGUF files needs {' and '.join(missing)}; run: "
                          f"pip install {' '.join(missing)}  (or: pip install 'opo[real]')")
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # transformers refuses save_pretrained on GGUF-loaded models: rebuild a plain model.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict())
-    plain.generation_config = loaded.generation_config
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    plain.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
+    # Building the models below draws random initial weights from the global torch RNG, which
+    # the run has already seeded: without the fork, a run that converts the GGUF would sample
+    # other responses than the same run with the cache in place (found: same seed, another
+    # step-0 accuracy).
+    with torch.random.fork_rng(devices=[]):
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers refuses save_pretrained on GGUF-loaded models: rebuild a plain model.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(loaded.state_dict())
+        plain.generation_config = loaded.generation_config
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     try:
         tmp.rename(target)  # atomic; if another process won the race, keep theirs
     except OSError:

@@ -26,6 +26,24 @@ def test_smollm2_preset_loads_and_takes_one_step(tmp_path):
     assert (run / "final" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
+@needs_smollm2
+def test_converting_a_gguf_leaves_the_seeded_rng_alone(tmp_path):
+    """A run seeds torch before it loads the model; the first load converts the GGUF (building
+    randomly initialised models), later ones read the cache. Both must leave the same RNG state,
+    or one seed would give two different runs."""
+    import torch
+
+    draws = []
+    for _ in ("cold cache", "warm cache"):
+        torch.manual_seed(0)
+        resolve_model_dir("smollm2-135m-instruct", cache_dir=str(tmp_path))
+        draws.append(torch.rand(4))
+    assert len(list(tmp_path.iterdir())) == 1  # converted once, then read from the cache
+    torch.manual_seed(0)
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], torch.rand(4))
+
+
 def test_missing_model_package_names_the_pip_line(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
