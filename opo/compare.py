@@ -414,11 +414,19 @@ def load_passk(path: str | Path) -> dict:
                 and k.split("@", 1)[1].isdigit())
     if not ks:
         raise CompareError(f"{path}: no pass@K fields; write it with `opo eval --n N --k 1,2,4,... --out`")
-    return {"label": str(data.get("label") or data.get("model") or path.stem), "path": str(path),
+    return {"label": str(data.get("label") or _short_model(data.get("model")) or path.stem), "path": str(path),
             "k": ks, "pass": [float(data[f"pass@{k}"]) for k in ks],
             "maj": [float(data[f"maj@{k}"]) if _finite(data.get(f"maj@{k}")) else float("nan") for k in ks],
             "problems": data.get("problems"), "samples": data.get("samples"),
             "temperature": data.get("temperature")}
+
+
+def _short_model(model) -> str:
+    """A model path as a legend label: its last two parts (a run's `opo-seed0/final`)."""
+    if not model:
+        return ""
+    parts = Path(str(model)).parts
+    return str(Path(*parts[-2:])) if len(parts) > 2 else str(model)
 
 
 def plot_passk(curves: list[dict], path: Path) -> Path:

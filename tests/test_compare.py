@@ -105,7 +105,7 @@ def test_report_is_self_contained(grid, tmp_path, capsys):
     base.write_text(json.dumps({"model": "tiny", "pass@1": 0.3, "pass@4": 0.6, "pass@16": 0.8,
                                 "maj@1": 0.3, "maj@4": 0.35, "maj@16": 0.4}))
     trained = tmp_path / "trained.json"
-    trained.write_text(json.dumps({"model": "runs/x/final", "pass@1": 0.7, "pass@4": 0.75,
+    trained.write_text(json.dumps({"model": "/data/grid/runs/opo-seed0/final", "pass@1": 0.7, "pass@4": 0.75,
                                    "pass@16": 0.8, "maj@1": 0.7, "maj@4": 0.72, "maj@16": 0.75}))
     out = tmp_path / "report"
     rc = main(["compare", "--runs", str(grid), "--passk", str(base), str(trained), "--out", str(out)])
@@ -119,7 +119,7 @@ def test_report_is_self_contained(grid, tmp_path, capsys):
     assert "Paired differences from opo" in page
     table = json.loads((out / "table.json").read_text())
     assert {v["variant"] for v in table["variants"]} == {"opo", "grpo", "grpo_offpolicy"}
-    assert table["passk"][0]["k"] == [1, 4, 16] and table["passk"][1]["label"] == "runs/x/final"
+    assert table["passk"][0]["k"] == [1, 4, 16] and table["passk"][1]["label"] == "opo-seed0/final"
     assert "grpo_offpolicy" in capsys.readouterr().out
 
 
