@@ -94,9 +94,14 @@ class WandbLogger:
             run_id = secrets.token_hex(6)  # W&B ids are short [a-z0-9] strings
             id_file.write_text(run_id + "\n")
         # console="off": W&B would otherwise wrap stdout, which the progress bar writes to.
-        self.run = wandb.init(project=cfg.trainer.wandb_project, name=run_dir.name, id=run_id,
-                              resume="allow", dir=str(run_dir), mode=cfg.trainer.wandb_mode,
-                              config=to_dict(cfg), settings=wandb.Settings(console="off", silent=True))
+        try:
+            self.run = wandb.init(project=cfg.trainer.wandb_project, name=run_dir.name, id=run_id,
+                                  resume="allow", dir=str(run_dir), mode=cfg.trainer.wandb_mode,
+                                  config=to_dict(cfg), settings=wandb.Settings(console="off", silent=True))
+        except Exception as exc:  # no network, no login, a bad project name: W&B's own errors vary
+            raise ConfigError(f"trainer.loggers: W&B could not start (trainer.wandb_mode={cfg.trainer.wandb_mode}) "
+                              f"({type(exc).__name__}: {exc}); trainer.wandb_mode=offline needs no "
+                              f"network or account") from None
 
     def log(self, row: dict) -> None:
         self.run.log(scalars(row), step=row["step"])

@@ -134,3 +134,20 @@ def test_wandb_offline_run_holds_the_metrics_rows(micro_model_dir, tmp_path, mon
     for h, row in zip(history, rows):
         expected = scalars(row)
         assert {k: h[k] for k in expected} == pytest.approx(expected, rel=1e-12)
+
+
+def test_wandb_that_cannot_start_is_a_clear_error(micro_model_dir, tmp_path, monkeypatch, capsys):
+    wandb = pytest.importorskip("wandb", reason="the wandb package is not installed (pip install 'opo[wandb]')")
+
+    def refuse(**kwargs):  # what W&B does online without a login, reduced to its exception
+        raise wandb.errors.UsageError("api_key not configured (no-tty)")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    run = tmp_path / "run"
+    args = micro_overrides(micro_model_dir, run, **{"trainer.loggers": "[wandb]", "trainer.wandb_mode": "online"})
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert "W&B could not start (trainer.wandb_mode=online)" in err and "api_key" in err and "Traceback" not in err
+    assert not (run / "checkpoints").exists()  # nothing trained, and the folder can be used again
+    monkeypatch.undo()  # the real wandb.init again
+    assert main(["train", *args[:-1], "trainer.wandb_mode=offline"]) == 0
