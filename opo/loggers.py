@@ -18,8 +18,8 @@ from pathlib import Path
 
 from opo.config import Config, ConfigError, to_dict
 
-LOGGERS = ("tensorboard", "wandb")
 INSTALL = {"tensorboard": "pip install 'opo[tensorboard]'", "wandb": "pip install 'opo[wandb]'"}
+LOGGERS = tuple(INSTALL)
 
 
 def scalars(row: dict) -> dict[str, float]:
@@ -35,18 +35,22 @@ def scalars(row: dict) -> dict[str, float]:
     return out
 
 
+def _not_installed(name: str, detail: str = "") -> ConfigError:
+    return ConfigError(f"trainer.loggers: {name!r} needs the {name} package, which is not installed"
+                       f"{detail}; install it with `{INSTALL[name]}`, or remove {name!r} from "
+                       f"trainer.loggers")
+
+
 def check_installed(names: list) -> None:
     """ConfigError naming trainer.loggers when a named logger's package is not installed
     (checked with the config, before any model is loaded or run folder written)."""
     for name in names:
-        if name in INSTALL and importlib.util.find_spec(name) is None:
-            raise ConfigError(f"trainer.loggers: {name!r} needs the {name} package, which is not "
-                              f"installed; install it with `{INSTALL[name]}`, or remove {name!r} "
-                              f"from trainer.loggers")
+        if importlib.util.find_spec(name) is None:
+            raise _not_installed(name)
 
 
 def _require(name: str):
-    """Import the package behind logger `name`, or say which key asked for it and how to install it."""
+    """Import the package behind logger `name`; the same ConfigError if the import fails."""
     try:
         if name == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
@@ -54,9 +58,7 @@ def _require(name: str):
         import wandb
         return wandb
     except ImportError as exc:
-        raise ConfigError(f"trainer.loggers: {name!r} needs the {name} package, which is not installed "
-                          f"({exc}); install it with `{INSTALL[name]}`, or remove {name!r} from "
-                          f"trainer.loggers") from None
+        raise _not_installed(name, f" ({exc})") from None
 
 
 class TensorBoardLogger:
