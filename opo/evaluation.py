@@ -174,15 +174,14 @@ def run_evaluation(cfg: Config, *, limit: int = 0, seed: int = 0,
     import torch
 
     from opo.data import load_split
-    from opo.models import eos_ids, load_policy
+    from opo.models import load_policy
     from opo.rewards import RewardScorer
-    from opo.rollout import make_engine
+    from opo.rollout import engine_from_config
 
     split = load_split(cfg.data)
     held_out = split.held_out[:limit] if limit else split.held_out
     model, tokenizer = load_policy(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.cache_dir)
-    engine = make_engine(cfg.rollout.engine, model, tokenizer, eos_ids(model, tokenizer),
-                         cfg.rollout.batch_size)
+    engine = engine_from_config(cfg, model, tokenizer, log or print)
     max_new_tokens = eval_max_new_tokens(cfg, tokenizer)
     task = cfg.data.task or cfg.data.source
     template = "chat" if uses_chat_template(tokenizer, cfg.prompt) else "plain"

@@ -6,7 +6,7 @@ evaluate, save).
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import math
 import random
@@ -26,10 +26,10 @@ from opo.data import PromptSampler, derive_seed, encode_prompts, load_split
 from opo.evaluation import evaluate
 from opo.loggers import Loggers
 from opo.metrics import KLProbe
-from opo.models import eos_ids, load_policy, pick_device
+from opo.models import load_policy, pick_device
 from opo.precision import Precision
 from opo.rewards import RewardScorer
-from opo.rollout import SamplingParams, make_engine
+from opo.rollout import SamplingParams, engine_from_config
 from opo.sequences import batched_logprobs, pack
 from opo.update import sampling_dist
 
@@ -76,13 +76,18 @@ class Run:
 
     def generate(self, prompt_ids, params: SamplingParams, *, main_only: bool = False):
         """Sample from the policy (on rank 0 alone with main_only; None elsewhere)."""
-        with parallel.gathered(self.policy), self.precision.autocast():  # the loss forward's autocast
+        with self._engine_weights(), self.precision.autocast():  # the loss forward's autocast
             return self.engine.generate(prompt_ids, params) if self.world.is_main or not main_only else None
+
+    def _engine_weights(self):
+        """Full parameters for an engine that generates with the policy module (FSDP2 gathers
+        them); nothing for one that holds its own copy (vLLM, refreshed by sync_weights)."""
+        return parallel.gathered(self.policy) if self.engine.samples_from_policy else contextlib.nullcontext()
 
     def evaluate(self) -> dict:
         """Held-out evaluation, each rank on its part of the problems; means over all of them."""
         e, mine = self.cfg.eval, self.world.split(self.held_out)
-        with parallel.gathered(self.policy), self.precision.autocast():
+        with self._engine_weights(), self.precision.autocast():
             result = evaluate(self.engine, self.tokenizer, mine, self.scorer, self.cfg.prompt,
                               samples=e.samples, temperature=e.temperature, top_p=e.top_p, k=e.k,
                               max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens,
@@ -165,9 +170,7 @@ def set_up(cfg: Config, resume: bool, log, world: parallel.World = parallel.SING
     if checkpoint:  # the full weights, on every rank, before any sharding
         ckpt.load_checkpoint(checkpoint, model=model)
     policy = parallel.wrap(model, world, cfg.trainer.parallel)
-    engine = make_engine(cfg.rollout.engine, model, tokenizer, eos_ids(model, tokenizer), cfg.rollout.batch_size,
-                         vllm_options={**dataclasses.asdict(cfg.rollout.vllm), "dtype": cfg.model.dtype,
-                                       "seed": cfg.trainer.seed})
+    engine = engine_from_config(cfg, model, tokenizer, log)
     trainable = [p for p in policy.parameters() if p.requires_grad]  # all of them, or the LoRA adapters
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay)

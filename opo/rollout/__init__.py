@@ -7,6 +7,8 @@ default), `hf` (transformers' own `generate`, kept as the reference), and `vllm`
 
 from __future__ import annotations
 
+import dataclasses
+
 from opo.rollout.base import RolloutBatch, RolloutEngine, SamplingParams, pad_left
 
 ENGINES = ("fast", "hf", "vllm")
@@ -32,4 +34,16 @@ def make_engine(kind: str, model, tokenizer, eos_ids: list[int], batch_size: int
     raise ValueError(f"rollout.engine: unknown engine {kind!r}; available: {', '.join(ENGINES)}")
 
 
-__all__ = ["ENGINES", "RolloutBatch", "RolloutEngine", "SamplingParams", "make_engine", "pad_left"]
+def engine_from_config(cfg, model, tokenizer, log=print) -> RolloutEngine:
+    """The engine `cfg.rollout` asks for, sampling from `model` in `cfg.model.dtype`
+    (vLLM's own dtype and seed come from the same config as the trainer's)."""
+    from opo.models import eos_ids
+
+    options = {**dataclasses.asdict(cfg.rollout.vllm), "dtype": cfg.model.dtype, "seed": cfg.trainer.seed,
+               "log": log}
+    return make_engine(cfg.rollout.engine, model, tokenizer, eos_ids(model, tokenizer), cfg.rollout.batch_size,
+                       vllm_options=options)
+
+
+__all__ = ["ENGINES", "RolloutBatch", "RolloutEngine", "SamplingParams", "engine_from_config", "make_engine",
+           "pad_left"]

@@ -3,6 +3,7 @@
     engine.generate(prompt_ids, params) -> RolloutBatch
     engine.sync_weights(model, version)   # after each optimiser step
     engine.policy_version                 # optimiser steps behind the weights it samples from
+    engine.samples_from_policy            # True: it runs the trainer's module (FSDP2 gathers it)
 
 Each response carries, token by token, its log-probability under the distribution it
 was actually drawn from (after temperature, top-k and top-p). The trainer scores the
@@ -58,6 +59,7 @@ class RolloutBatch:
 
 class RolloutEngine(Protocol):
     policy_version: int
+    samples_from_policy: bool
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> RolloutBatch: ...
 
@@ -67,6 +69,8 @@ class RolloutEngine(Protocol):
 class LocalEngine:
     """An engine that samples from the trainer's own module, so syncing weights is free:
     only the version moves. `fast` and `hf` share this."""
+
+    samples_from_policy = True  # generates with the policy module: FSDP2 must gather it first
 
     def __init__(self, model, tokenizer, eos_ids: list[int], batch_size: int = 0):
         self.model = model

