@@ -108,6 +108,12 @@ def test_vllm_seeds_are_distinct_across_prompts_and_repeatable(engine_checks):
 
 
 @needs_vllm
+def test_vllm_samples_a_batch_larger_than_one_scheduler_step(engine_checks):
+    big = engine_checks["big_batch"]
+    assert big["prompt_tokens"] > big["budget"] and big["responses"] == 2 * (big["prompt_tokens"] // 48)
+
+
+@needs_vllm
 def test_vllm_start_leaves_rngs_and_threads_to_the_trainer(engine_checks):
     assert engine_checks["rng_kept"]
     assert engine_checks["threads_after_start"] == 1 and engine_checks["threads_settable"]

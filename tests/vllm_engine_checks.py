@@ -64,6 +64,14 @@ def main(model_dir: str) -> dict:
     out["groups"] = [first.response_ids[g * 4:(g + 1) * 4] for g in range(len(PROMPTS))]
     out["mismatch_start"] = mismatch(model, tok, first)
 
+    # More prompt tokens than vLLM schedules in one step: with chunked prefill, vLLM's CPU
+    # backend crashed on seeded requests whose prefill was split.
+    budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    long_prompts = [[5 + (i + j) % 10 for j in range(48)] for i in range(budget // 48 + 2)]
+    big = engine.generate(long_prompts, SamplingParams(n=2, temperature=TEMPERATURE, top_p=TOP_P,
+                                                      max_new_tokens=8))
+    out["big_batch"] = {"prompt_tokens": 48 * len(long_prompts), "budget": budget, "responses": len(big)}
+
     perturb(model, 0.05, seed=1)
     engine.sync_weights(model, 1)
     pushed = engine.generate(PROMPTS, params)

@@ -64,6 +64,8 @@ def unavailable_reason() -> str | None:
     """Why the vLLM engine cannot run on this machine, or None when it can."""
     if importlib.util.find_spec("vllm") is None:
         return f"vllm is not installed ({PIP_LINE})"
+    # vLLM logs every engine step's set-up at INFO; keep its warnings (VLLM_LOGGING_LEVEL wins).
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         from vllm.platforms import current_platform
     except Exception as exc:  # noqa: BLE001 - any import failure means the same to the user
@@ -129,6 +131,10 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
+        if current_platform.is_cpu():
+            # vLLM's CPU backend cannot rewind a seeded request's generator after a partial
+            # (chunked) prefill ("CPU Generator does not use offset"): prefill prompts whole.
+            kwargs["enable_chunked_prefill"] = False
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"  # one engine per rank
