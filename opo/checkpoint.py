@@ -122,6 +122,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, state: 
     tmp = root / f".step_{step}.tmp{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(root)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         trainable = _trainable_only(model)
@@ -150,6 +151,29 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, state: 
     for _, old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Delete the `.step_N.tmp<pid>` folders of saves whose process is gone (killed in the
+    middle of a write); a live process's folder is left alone. Returns what was removed."""
+    removed = []
+    for folder in root.glob(".step_*.tmp*"):
+        pid = folder.name.rpartition(".tmp")[2]
+        if pid.isdigit() and _process_alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def load_checkpoint(path: str | Path, *, model=None, optimizer=None) -> tuple[dict, dict[str, torch.Tensor]]:

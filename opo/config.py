@@ -228,7 +228,16 @@ class TrainerConfig:
         "the whole model, its gradients and optimiser state, and gradients are all-reduced once "
         "per step. `fsdp`: FSDP2 shards parameters, gradients and optimiser state over the GPUs "
         "(per decoder layer), for models that do not fit with ddp; generation then gathers the "
-        "full parameters for its phase. See the README's Scaling out section.", "ddp")
+        "full parameters for its phase (not with rollout.engine=vllm, which holds its own copy). "
+        "Under fsdp with model.dtype bfloat16/float16, FSDP2 gathers parameters and computes in "
+        "that dtype while the fp32 shards stay the master weights. See the README's Scaling out "
+        "section.", "ddp")
+    collective_timeout_minutes: float = doc(
+        "Under torchrun: how long a rank waits in one collective before the run fails. The "
+        "longest wait is the other ranks waiting for rank 0 to write a checkpoint, so set it "
+        "above the time a checkpoint takes to write (fp32 weights and AdamW's two moments: 12 bytes "
+        "per parameter, 92 GB for a 7B model, about 3 minutes at 0.5 GB/s to a network "
+        "filesystem).", 30.0)
     profile: bool = doc("Print a table of seconds per phase of a step (generation, reward, "
                         "forward, backward, optimiser, metrics, KL probe) at the end. The "
                         "per-step figures are always in metrics.jsonl as time_* fields.", False)
@@ -462,6 +471,8 @@ def validate(cfg: Config) -> None:
          "it only applies with model.dtype bfloat16 or float16", cfg.model.pure_low_precision)
     need(cfg.model.lora.r == 0 or bool(cfg.model.lora.target_modules), "model.lora.target_modules",
          "name at least one module when model.lora.r > 0", cfg.model.lora.target_modules)
+    need(cfg.trainer.collective_timeout_minutes > 0, "trainer.collective_timeout_minutes",
+         "use a number of minutes > 0", cfg.trainer.collective_timeout_minutes)
     need(cfg.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "use a number >= 0 (0 = off)",
          cfg.checkpoint.every_minutes)
     need(cfg.rollout.temperature > 0, "rollout.temperature", "use a number > 0",

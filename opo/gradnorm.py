@@ -18,7 +18,9 @@ closer to the real thing:
   counts "uncertain tokens" where OPO counts all tokens.
 
 Sampling at temperature τ scales every logit gradient by 1/τ; that factor is the same
-for every response and cancels in Σ w r / Σ w, so it is left out of the proxy.
+for every response and cancels in Σ w r / Σ w, so it is left out of the proxy. Under
+top-k / top-p, π is the truncated, renormalised distribution the trainer samples from
+(tokens outside the support have probability 0 and add nothing).
 
 `response_weights(kind, model, packed)` is the one entry the trainer needs: it returns
 the weights [B] for ``opo.advantages.compute_advantages(..., weights=...)``. ``packed``
@@ -65,10 +67,13 @@ def _trainable(model, params: Sequence[Tensor] | None) -> list[Tensor]:
 
 
 def per_response_grads(model, packed, params: Sequence[Tensor] | None = None,
-                       temperature: float = 1.0, rows: Sequence[int] | None = None
+                       dist=None, rows: Sequence[int] | None = None
                        ) -> Iterator[tuple[int, Tensor, float, float]]:
     """For each response i (every row, or those in ``rows``): (i, flat ∇_θ logπ(y_i|x_i)
     [D] float32, its proxy weight, log π(y_i|x_i)), one forward and backward pass each.
+
+    ``dist`` (``opo.sequences.Dist``: temperature, top-p, top-k; default plain softmax)
+    is the sampling distribution: π is the truncated, renormalised one the trainer samples.
 
     The gradient is taken over ``params`` (default: every trainable parameter) with
     ``torch.autograd.grad``, so the parameters' ``.grad`` are left untouched.
@@ -76,7 +81,7 @@ def per_response_grads(model, packed, params: Sequence[Tensor] | None = None,
     from opo.sequences import Dist, response_logits
 
     params = _trainable(model, params)
-    dist = Dist(temperature)
+    dist = dist or Dist()
     for i in (range(packed.num_rows) if rows is None else rows):
         row = packed.rows(torch.tensor([i]))
         logits = response_logits(model, row, dist)                     # [1, T, V]
@@ -89,8 +94,7 @@ def per_response_grads(model, packed, params: Sequence[Tensor] | None = None,
         yield i, flat, proxy, float(logp.detach())
 
 
-def exact_grad_sq_norm(model, packed, params: Sequence[Tensor] | None = None,
-                       temperature: float = 1.0) -> Tensor:
+def exact_grad_sq_norm(model, packed, params: Sequence[Tensor] | None = None, dist=None) -> Tensor:
     """‖∇_θ logπ(y_i|x_i)‖² for every response: [B] float64 on packed's device.
 
     Rows with the same prompt and response (a confident policy samples the same response
@@ -105,14 +109,13 @@ def exact_grad_sq_norm(model, packed, params: Sequence[Tensor] | None = None,
     index = {key: j for j, key in enumerate(first)}
     norms = torch.zeros(len(first), dtype=torch.float64)
     rows = [keys.index(key) for key in first]
-    for i, flat, _, _ in per_response_grads(model, packed, params, temperature, rows):
+    for i, flat, _, _ in per_response_grads(model, packed, params, dist, rows):
         norms[index[keys[i]]] = flat.double().pow(2).sum()
     return norms[[index[key] for key in keys]].to(packed.response_ids.device)
 
 
 @torch.no_grad()
-def model_proxy_grad_sq_norm(model, packed, temperature: float = 1.0,
-                             micro_batch_size: int = 0) -> Tensor:
+def model_proxy_grad_sq_norm(model, packed, dist=None, micro_batch_size: int = 0) -> Tensor:
     """The logit-gradient proxy for every response, from forward passes only:
     [B] float64 on packed's device. ``micro_batch_size`` rows at a time (0 = all), which
     bounds the [rows, T, V] logits held at once."""
@@ -122,21 +125,21 @@ def model_proxy_grad_sq_norm(model, packed, temperature: float = 1.0,
     out = torch.zeros(n, dtype=torch.float64)
     for idx in packed.micro_batches(max_rows=micro_batch_size):
         micro = packed.rows(torch.tensor(idx))
-        logits = response_logits(model, micro, Dist(temperature))
+        logits = response_logits(model, micro, dist or Dist())
         out[idx] = proxy_grad_sq_norm(logits, micro.response_ids, micro.response_mask).cpu()
     return out.to(packed.response_ids.device)
 
 
-def response_weights(kind: str, model, packed, temperature: float = 1.0,
-                     micro_batch_size: int = 0) -> Tensor:
+def response_weights(kind: str, model, packed, dist=None, micro_batch_size: int = 0) -> Tensor:
     """Weights [B] float64 for the estimator that declared ``needs=kind``
     (``opo.advantages.estimator_needs``): ``grad_sq_norm_exact`` or ``grad_sq_norm_proxy``.
 
     Call it on the batch just sampled, before the optimiser step, with the policy that
-    sampled it and the sampling temperature.
+    sampled it and its sampling distribution ``dist`` (``opo.sequences.Dist``). The
+    result is on ``packed``'s device, which must be the model's.
     """
     if kind == "grad_sq_norm_exact":
-        return exact_grad_sq_norm(model, packed, temperature=temperature)
+        return exact_grad_sq_norm(model, packed, dist=dist)
     if kind == "grad_sq_norm_proxy":
-        return model_proxy_grad_sq_norm(model, packed, temperature, micro_batch_size)
+        return model_proxy_grad_sq_norm(model, packed, dist, micro_batch_size)
     raise ValueError(f"unknown weight kind {kind!r}; use grad_sq_norm_exact or grad_sq_norm_proxy")

@@ -27,6 +27,7 @@ import json
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -201,9 +202,10 @@ SINGLE = World()
 
 # ---------------------------------------------------------------------- process group
 
-def init(device: str = "auto") -> World:
+def init(device: str = "auto", timeout_minutes: float = 30.0) -> World:
     """The World of this process: from torchrun's environment (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR/PORT) when WORLD_SIZE > 1, else a single process.
+    `timeout_minutes` bounds every collective of the group it creates.
 
     nccl on CUDA (LOCAL_RANK picks the GPU), gloo on CPU. A process group that already
     exists (e.g. created by a test harness) is used as it is and left alone at the end.
@@ -229,8 +231,27 @@ def init(device: str = "auto") -> World:
     if owns:
         if not dist.is_available():
             raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        timeout = timedelta(minutes=timeout_minutes)
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=_attempt_store(rank, size, timeout),
+                                rank=rank, world_size=size, timeout=timeout)
     return World(rank, size, local, f"cuda:{local}" if use_cuda else "cpu", owns)
+
+
+def _attempt_store(rank: int, size: int, timeout: timedelta):
+    """torchrun's key-value store (MASTER_ADDR/PORT), seen under a prefix of this attempt's own.
+
+    After a restart (--max-restarts) the store still holds the failed attempt's keys, among
+    them the dead ranks' addresses: without the prefix, gloo dials those and the restarted
+    group never connects ("Connection refused")."""
+    store, _, _ = next(dist.rendezvous("env://", rank, size, timeout=timeout))
+    return dist.PrefixStore(f"opo/attempt_{restart_count()}", store)
+
+
+def restart_count() -> int:
+    """How often torchrun has restarted this job's processes after a failure
+    (`torchrun --max-restarts N`); 0 for the first attempt and outside torchrun."""
+    value = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return int(value) if value.isdigit() else 0
 
 
 def shutdown(world: World) -> None:
@@ -253,7 +274,7 @@ def check_config(world: World, cfg) -> None:
 
 # ---------------------------------------------------------------------- wrapping
 
-def wrap(model: torch.nn.Module, world: World, kind: str = "ddp") -> torch.nn.Module:
+def wrap(model: torch.nn.Module, world: World, kind: str = "ddp", mp_policy=None) -> torch.nn.Module:
     """The module the trainer scores with and optimises.
 
     World size 1: `model` itself. Otherwise a `ScoreModule` around it, so that every
@@ -262,6 +283,8 @@ def wrap(model: torch.nn.Module, world: World, kind: str = "ddp") -> torch.nn.Mo
     - ddp: replicated weights, gradients all-reduced once per optimiser step;
     - fsdp: FSDP2 `fully_shard` on every decoder layer (the model's `_no_split_modules`
       classes), then on the root, so parameters, gradients and optimiser state are sharded.
+      `mp_policy` (Precision.fsdp_policy()) makes its all-gathers and compute run in the
+      low-precision dtype while the fp32 shards stay the master weights.
     `model` keeps pointing at the same parameters (under FSDP2, at their local shards).
     """
     if kind not in PARALLEL_KINDS:
@@ -289,9 +312,10 @@ def wrap(model: torch.nn.Module, world: World, kind: str = "ddp") -> torch.nn.Mo
     if not layers:
         raise ConfigError(f"trainer.parallel: 'fsdp' shards per decoder layer, but {type(model).__name__} "
                           f"names no layer classes in _no_split_modules; use trainer.parallel=ddp")
+    options = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
     for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(root, mesh=mesh)
+        fully_shard(layer, **options)
+    fully_shard(root, **options)
     # FSDP2 makes the first module to run forward its root. Generation calls the language
     # model directly, so run one tiny forward through the wrapper now to settle that.
     one = torch.ones(1, 1, dtype=torch.long)
@@ -416,5 +440,5 @@ def _fqn_order(policy, optimizer) -> list[str]:
     return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
-__all__ = ["World", "SINGLE", "PARALLEL_KINDS", "init", "shutdown", "check_config", "wrap", "gathered",
+__all__ = ["World", "SINGLE", "PARALLEL_KINDS", "init", "restart_count", "shutdown", "check_config", "wrap", "gathered",
            "is_sharded", "clip_grad_norm", "full_weights", "optimizer_state", "load_optimizer_state"]

@@ -110,9 +110,18 @@ class Precision:
             optimizer.step()
 
     def skip(self) -> None:
-        """The step was dropped for non-finite gradients: let the scaler lower its scale."""
+        """The step was dropped for non-finite gradients: lower the scale.
+
+        The verdict is the whole world's (opo.update reduces it), so the scale is backed off
+        explicitly rather than from this rank's own inf check: under FSDP2 a rank sees only
+        its shard of the gradients, and a rank whose shard was finite would otherwise keep
+        (or grow) its scale, and later reduce-scatters would mix differently scaled
+        gradients. Same result as the scaler's own update after an overflow."""
         if self.scaler:
-            self.scaler.update()
+            self.scaler.update(new_scale=self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            tracker = getattr(self.scaler, "_growth_tracker", None)  # steps since the last overflow
+            if tracker is not None:
+                tracker.zero_()
 
     def state_dict(self) -> dict:
         return dict(self.scaler.state_dict()) if self.scaler else {}

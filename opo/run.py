@@ -59,6 +59,7 @@ class Run:
     log: object
     world: parallel.World
     policy: torch.nn.Module  # what is scored and optimised: `model`, or its DDP/FSDP2 wrapper
+    resumed: bool  # restored from a checkpoint (--resume, or a torchrun restart)
     precision: Precision = field(default_factory=Precision)  # every policy forward runs under it
     loggers: Loggers = field(default_factory=Loggers)  # trainer.loggers: mirrors of metrics.jsonl
 
@@ -100,11 +101,20 @@ class Run:
         weights = parallel.full_weights(self.world, self.policy)
         optimizer_state = parallel.optimizer_state(self.world, self.policy, self.optimizer)
         rngs = self.world.all_gather_json(ckpt.rng_to_json(*ckpt.rng_state()))
+        failure = None
         if self.world.is_main:
-            ckpt.save_run(self.dir, self.cfg.checkpoint.keep, self.state, self.model, self.tokenizer,
-                          self.optimizer, self.scheduler, self.sampler,
-                          self.probe.state_dict() if self.probe else {}, weights=weights,
-                          optimizer_state=optimizer_state, other_rank_rngs=rngs[1:])
+            try:
+                ckpt.save_run(self.dir, self.cfg.checkpoint.keep, self.state, self.model, self.tokenizer,
+                              self.optimizer, self.scheduler, self.sampler,
+                              self.probe.state_dict() if self.probe else {}, weights=weights,
+                              optimizer_state=optimizer_state, other_rank_rngs=rngs[1:])
+            except ckpt.CheckpointError as exc:
+                failure = str(exc)
+        # Every rank waits for rank 0's write and learns how it went: no rank runs ahead into
+        # the next step's collectives, and a failed write stops all of them with its message.
+        failure = self.world.broadcast_json(failure)
+        if failure:
+            raise ckpt.CheckpointError(failure)
 
 
 def lr_lambda(cfg: Config):
@@ -138,8 +148,13 @@ def set_up(cfg: Config, resume: bool, log, world: parallel.World = parallel.SING
     cfg.run.dir = world.broadcast_json(cfg.run.dir or default_run_dir(cfg))
     run_dir = Path(cfg.run.dir)
     if not resume and ckpt.list_checkpoints(run_dir):
-        raise TrainingError(f"{run_dir} already holds checkpoints; continue it with "
-                            f"`opo train --resume {run_dir}` or choose another run.dir")
+        if not parallel.restart_count():
+            raise TrainingError(f"{run_dir} already holds checkpoints; continue it with "
+                                f"`opo train --resume {run_dir}` or choose another run.dir")
+        # torchrun --max-restarts started the group again after a rank died: carry on from
+        # the latest checkpoint, as `--resume` would (the command line is the same one).
+        resume = True
+        log(f"torchrun restart {parallel.restart_count()}: resuming {run_dir} from its latest checkpoint")
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.threads:
@@ -169,7 +184,7 @@ def set_up(cfg: Config, resume: bool, log, world: parallel.World = parallel.SING
     checkpoint = ckpt.latest_checkpoint(run_dir) if resume else None
     if checkpoint:  # the full weights, on every rank, before any sharding
         ckpt.load_checkpoint(checkpoint, model=model)
-    policy = parallel.wrap(model, world, cfg.trainer.parallel)
+    policy = parallel.wrap(model, world, cfg.trainer.parallel, precision.fsdp_policy())
     engine = engine_from_config(cfg, model, tokenizer, log)
     trainable = [p for p in policy.parameters() if p.requires_grad]  # all of them, or the LoRA adapters
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
@@ -177,7 +192,7 @@ def set_up(cfg: Config, resume: bool, log, world: parallel.World = parallel.SING
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     run = Run(cfg, run_dir, model, tokenizer, engine, optimizer, scheduler, scorer, train_set, held_out,
               PromptSampler(len(train_set), cfg.trainer.seed), RunState(), None, ref_model, log, world, policy,
-              precision)
+              checkpoint is not None, precision)
     if checkpoint:
         run.state, tensors = ckpt.restore_run(run_dir, None, None, scheduler, run.sampler, rank=world.rank,
                                               write_metrics=world.is_main)

@@ -29,7 +29,7 @@ from opo.gradnorm import response_weights
 from opo.metrics import repetition_counts
 from opo.run import Run, TrainingError, default_run_dir, load_run_config, save_final, set_up, write_row
 from opo.sequences import pack
-from opo.update import OffPolicyError, PhaseTimer, policy_update
+from opo.update import OffPolicyError, PhaseTimer, policy_update, sampling_dist
 
 __all__ = ["train", "train_step", "finish", "TrainingError", "load_run_config", "default_run_dir",
            "is_timing_field"]
@@ -47,7 +47,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     """Run (or continue) training; return the summary that is also written to summary.json.
 
     Under torchrun, every process calls this; ranks other than 0 log nothing."""
-    world = parallel.init(cfg.model.device)
+    world = parallel.init(cfg.model.device, cfg.trainer.collective_timeout_minutes)
     try:
         return _train(cfg, resume, log if world.is_main else _silent, world)
     finally:
@@ -65,7 +65,7 @@ def _train(cfg: Config, resume: bool, log, world: parallel.World) -> dict:
     if state.step > cfg.trainer.steps:
         raise TrainingError(f"the checkpoint in {run.dir} is at step {state.step}, beyond "
                             f"trainer.steps={cfg.trainer.steps}; resume with a larger trainer.steps")
-    if not resume:
+    if not run.resumed:
         initial = run.evaluate()
         state.initial_accuracy = initial["accuracy"]
         state.wall_seconds = time.perf_counter() - started  # set-up and the first evaluation
@@ -124,15 +124,16 @@ def train_step(run: Run) -> dict:
     packed = pack(batch.prompt_ids, batch.response_ids, run.tokenizer.pad_token_id)
     if batch.logprobs:
         packed.values["sampler_logp"] = packed.spread(batch.logprobs)
+    device = next(run.model.parameters()).device
     weights = None
     needs = estimator_needs(cfg.algo.estimator)
-    if needs:  # opo_exact / opo_proxy: per-response ‖∇log π‖² under the sampling policy
+    if needs:  # opo_exact / opo_proxy: per-response ‖∇log π‖² under the sampling distribution
         with timer("grad_weights"):
-            local = response_weights(needs, run.model, packed, cfg.rollout.temperature, cfg.algo.micro_batch_size)
+            local = response_weights(needs, run.model, packed.to(device), sampling_dist(cfg),
+                                     cfg.algo.micro_batch_size)
         weights = run.world.gather(local.cpu())[0]
     adv = compute_advantages(cfg.algo.estimator, r, lengths, groups, weights=weights)
 
-    device = next(run.model.parameters()).device
     lr = run.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
     try:
         stats = policy_update(run.policy, run.optimizer, packed.to(device), run.world.local_part(adv).to(device),

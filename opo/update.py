@@ -93,7 +93,10 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
     for rows in torch.tensor_split(order, a.updates_per_batch):
         mini = packed.rows(rows)
         mini_adv = advantages[rows]
-        mini_tokens = world.sum(mini.response_mask.sum())
+        # Denominators over the whole (mini-)batch, all ranks: every loss_agg then gives
+        # each rank its share of the single-process loss (this rank's count alone would
+        # make the seq-mean aggregations world-size times too large).
+        mini_tokens, mini_seqs = world.sum(mini.response_mask.sum(), len(rows))
         optimizer.zero_grad(set_to_none=True)
         mini_loss = clipped = 0.0
         for idx in world.micro_batches(model, mini.micro_batches(**limits)):
@@ -109,7 +112,7 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
                 loss, st = policy_loss(
                     logp, micro.values.get("old_logp"), mini_adv[idx.to(mini_adv.device)],
                     micro.response_mask, agg=a.loss_agg, total_tokens=mini_tokens,
-                    total_seqs=float(len(rows)), clip_eps=None if on_policy else a.clip_eps,
+                    total_seqs=mini_seqs, clip_eps=None if on_policy else a.clip_eps,
                     entropy=entropy, entropy_coef=a.entropy_coef, ref_logp=ref, kl_coef=a.kl_coef)
             if on_policy:
                 mismatch.add(logp.detach(), micro)

@@ -220,9 +220,10 @@ def measure_variance(model, tokenizer, examples: list[dict], scorer, prompt_cfg,
     from opo.gradnorm import per_response_grads
     from opo.models import eos_ids
     from opo.rollout import SamplingParams, make_engine
-    from opo.sequences import pack
+    from opo.sequences import Dist, pack
 
     s = settings
+    dist = Dist(s.temperature, s.top_p)  # the distribution the responses are sampled from
     s.validate()
     examples = examples[:s.prompts]
     if len(examples) < s.prompts:
@@ -271,7 +272,7 @@ def measure_variance(model, tokenizer, examples: list[dict], scorer, prompt_cfg,
             if todo:
                 packed = pack([batch.prompt_ids[idx[0]]] * len(todo), [list(r) for r in todo],
                               tokenizer.pad_token_id)
-                for j, flat, prox, _ in per_response_grads(model, packed, tensors, s.temperature):
+                for j, flat, prox, _ in per_response_grads(model, packed, tensors, dist):
                     fresh[todo[j]] = (flat, prox)
                     if len(cache) < cache_limit:
                         cache[todo[j]] = (flat, prox)

@@ -51,3 +51,16 @@ def sees_options(prompt, response, example, *, truncated=False, answer_format="a
 def graded(prompt, response, example):
     """A user reward with partial scores: the response is the score."""
     return float(response)
+
+
+def even_length_rank1_dies(prompt, response, example):
+    """even_length; but on its first attempt, rank 1 of a torchrun job SIGKILLs itself as soon
+    as the checkpoint folder named by OPO_TEST_DIE_AFTER exists (a rank lost mid-run)."""
+    import signal
+    from pathlib import Path
+
+    marker = os.environ.get("OPO_TEST_DIE_AFTER")
+    if (marker and os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"
+            and Path(marker).exists()):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return even_length(prompt, response, example)

@@ -192,3 +192,18 @@ def test_replace_folder_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path
     monkeypatch.setattr(Path, "rename", real_rename)
     ckpt.replace_folder(new, final)
     assert (final / "w").read_text() == "new" and not (tmp_path / "final.old").exists()
+
+
+def test_a_killed_saves_temporary_folder_is_removed_by_the_next_save(micro_model_dir, tmp_path):
+    root = tmp_path / "checkpoints"
+    dead = root / ".step_3.tmp999999999"  # no such process
+    alive = root / f".step_5.tmp{os.getppid()}"  # a live process (this test's parent) may still write
+    dead.mkdir(parents=True)
+    alive.mkdir()
+    from opo.models import load_policy
+
+    model, tok = load_policy(str(micro_model_dir), device="cpu")
+    ckpt.save_checkpoint(tmp_path, 4, model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                         state={"step": 4}, tensors={}, keep=2, tokenizer=tok)
+    assert not dead.exists() and alive.exists()
+    assert [p.name for _, p in ckpt.list_checkpoints(tmp_path)] == ["step_4"]

@@ -169,3 +169,28 @@ def test_registry_keeps_needs_per_function():
             == [2.0, 0.0, 0.0, 2.0, 2.0]
     finally:
         del ESTIMATORS["test_needs_tmp"]
+
+
+def test_weights_use_the_truncated_sampling_distribution(micro_policy):
+    """Under top-k the trainer samples from the k most likely tokens, renormalised; the
+    proxy must use that π (computed here by hand from the full logits), not the full one."""
+    from opo.sequences import Dist, response_logits
+
+    model, tokenizer = micro_policy
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt = enc("12+34=")
+    with torch.no_grad():
+        full = response_logits(model, pack([prompt], [enc("4,6")], tokenizer.pad_token_id))[0]
+    response = full.argmax(-1).tolist()  # tokens inside every top-k support
+    packed = pack([prompt], [response], tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = response_logits(model, packed)[0].double()          # [T, V], untruncated
+    k = 3
+    kept = logits.topk(k, -1)
+    probs = torch.zeros_like(logits).scatter(-1, kept.indices, torch.softmax(kept.values, -1))
+    p_y = probs.gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+    by_hand = float(((1 - p_y) ** 2 + (probs ** 2).sum(-1) - p_y ** 2).sum())
+    truncated = float(model_proxy_grad_sq_norm(model, packed, Dist(top_k=k))[0])
+    untruncated = float(model_proxy_grad_sq_norm(model, packed)[0])
+    assert truncated == pytest.approx(by_hand, rel=1e-5)
+    assert abs(truncated - untruncated) > 1e-3  # so the check above can tell them apart

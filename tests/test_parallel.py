@@ -52,21 +52,30 @@ def _batch():
     return prompts, responses, torch.randn(len(responses), generator=g)
 
 
-def _cfg():
-    return load_config("tiny", [f"optim.lr={LR}", f"algo.max_tokens_per_micro_batch={BUDGET}"])
+SEQ_MEAN_AGGS = ("seq-mean-token-mean", "seq-mean-token-sum")
 
 
-def _step(world, kind, model_dir, prompts, responses, adv, *, sampler_shift=0.0):
-    """One policy_update on this rank's rows; returns (stats, full weights or None, policy, optimizer)."""
+def _cfg(*overrides):
+    return load_config("tiny", [f"optim.lr={LR}", f"algo.max_tokens_per_micro_batch={BUDGET}", *overrides])
+
+
+def _step(world, kind, model_dir, prompts, responses, adv, *, sampler_shift=0.0, overrides=(), on_model=None):
+    """One policy_update on this rank's rows; returns (stats, full weights or None, policy, optimizer).
+    `on_model(model)` runs after wrapping, before the update (to attach probes)."""
     from opo.models import load_policy
+    from opo.precision import Precision
 
+    cfg = _cfg(*overrides)
     model, tok = load_policy(str(model_dir), device="cpu")
-    policy = parallel.wrap(model, world, kind)
+    precision = Precision.from_config(cfg.model, "cpu")
+    policy = parallel.wrap(model, world, kind, precision.fsdp_policy())  # as opo.run does
+    if on_model:
+        on_model(model)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=LR)
     packed = pack(prompts, responses, tok.pad_token_id)
     if sampler_shift:  # a sampler whose log-probs disagree with the trainer's by sampler_shift
         packed.values["sampler_logp"] = torch.full(packed.response_mask.shape, -sampler_shift)
-    stats = policy_update(policy, optimizer, packed, adv, _cfg(), world=world)
+    stats = policy_update(policy, optimizer, packed, adv, cfg, world=world, precision=precision)
     weights = parallel.full_weights(world, policy)
     if weights is None:
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -95,6 +104,30 @@ def _generate_alone(world, policy, model_dir, weights) -> dict:
     return same
 
 
+def _fp16_overflow_on_rank_1(world) -> dict:
+    """float16's gradient scaler where each rank sees only its own gradients (as under FSDP2,
+    where each holds a shard): rank 1's overflow must skip the step on both ranks and leave
+    both with the same, lowered scale."""
+    from opo.precision import Precision
+
+    precision = Precision("float16", "cpu")
+    weight = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    before = precision.scaler.get_scale()
+    for poison in (False, True):  # one good step (the scaler's growth tracker moves), then the overflow
+        x = torch.full((4,), float("inf") if poison and world.rank == 1 else 1.0)
+        precision.backward((weight * x).sum())
+        precision.unscale_(optimizer)
+        finite = bool(torch.isfinite(weight.grad).all())
+        if world.any(not finite):
+            precision.skip()
+        else:
+            precision.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+    return {"before": before, "after": precision.scaler.get_scale(),
+            "tracker": int(precision.scaler._growth_tracker.item()), "weight": weight.detach().clone()}
+
+
 def _worker(rank, size, port, model_dir, out_dir):
     from datetime import timedelta
 
@@ -117,6 +150,22 @@ def _worker(rank, size, port, model_dir, out_dir):
             parallel.load_optimizer_state(world, policy, fresh, lambda: state)
             out["fsdp"]["reloaded"] = parallel.optimizer_state(world, policy, fresh)
             out["fsdp"]["generated_alike"] = _generate_alone(world, policy, model_dir, weights)
+    # The per-sequence loss aggregations divide by the global number of responses.
+    for agg in SEQ_MEAN_AGGS:
+        stats, weights, _, _ = _step(world, "ddp", model_dir, prompts[mine], responses[mine], adv[mine],
+                                     overrides=[f"algo.loss_agg={agg}"])
+        out[agg] = {"stats": stats, "weights": weights}
+    # FSDP2 in bf16: what the decoder layers compute with, and what the shards hold.
+    seen = set()
+
+    def probe(model):
+        lin = model.model.layers[0].mlp.down_proj
+        lin.register_forward_pre_hook(lambda mod, args: seen.add(str(mod.weight.dtype)))
+
+    _, _, policy, _ = _step(world, "fsdp", model_dir, prompts[mine], responses[mine], adv[mine],
+                            overrides=["model.dtype=bfloat16"], on_model=probe)
+    out["fsdp_bf16"] = {"compute": sorted(seen), "stored": sorted({str(p.dtype) for p in policy.parameters()})}
+    out["fp16_skip"] = _fp16_overflow_on_rank_1(world)
     # A NaN advantage on rank 1 only: both ranks must skip the step.
     nan_adv = adv[mine].clone()
     if rank == 1:
@@ -156,6 +205,10 @@ def two_ranks(micro_model_dir, tmp_path_factory):
     prompts, responses, adv = _batch()
     stats, weights, model, optimizer = _step(parallel.SINGLE, "ddp", micro_model_dir, prompts, responses, adv)
     single = {"stats": stats, "weights": weights, "optimizer": optimizer.state_dict()}
+    for agg in SEQ_MEAN_AGGS:
+        stats, weights, _, _ = _step(parallel.SINGLE, "ddp", micro_model_dir, prompts, responses, adv,
+                                     overrides=[f"algo.loss_agg={agg}"])
+        single[agg] = {"stats": stats, "weights": weights}
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)], single
 
 
@@ -185,6 +238,27 @@ def test_data_parallel_step_equals_the_single_process_step(two_ranks, initial_we
     ranks, single = two_ranks
     _assert_same_step(ranks[0][kind], single, initial_weights)
     assert ranks[1][kind]["stats"] == ranks[0][kind]["stats"]  # every rank logs the same figures
+
+
+@pytest.mark.parametrize("agg", SEQ_MEAN_AGGS)
+def test_per_sequence_loss_aggregations_equal_the_single_process_step(two_ranks, initial_weights, agg):
+    ranks, single = two_ranks
+    _assert_same_step(ranks[0][agg], single[agg], initial_weights)
+    assert ranks[1][agg]["stats"] == ranks[0][agg]["stats"]
+
+
+def test_fsdp2_computes_in_bf16_and_keeps_fp32_master_weights(two_ranks):
+    ranks, _ = two_ranks
+    for rank in ranks:
+        assert rank["fsdp_bf16"] == {"compute": ["torch.bfloat16"], "stored": ["torch.float32"]}
+
+
+def test_an_fp16_overflow_on_one_rank_skips_the_step_on_every_rank_with_equal_scales(two_ranks):
+    ranks, _ = two_ranks
+    a, b = (r["fp16_skip"] for r in ranks)
+    assert a["after"] == b["after"] == a["before"] * 0.5  # backed off once, on both ranks
+    assert a["tracker"] == b["tracker"] == 0               # the overflow reset the growth count
+    assert torch.equal(a["weight"], b["weight"])            # only the good step was applied
 
 
 def test_fsdp2_optimizer_state_is_gathered_in_the_single_process_layout(two_ranks):
@@ -339,3 +413,56 @@ def test_torchrun_ddp_run_continues_in_one_process(micro_model_dir, tmp_path, ca
     out = capsys.readouterr().out
     assert "resumed" in out and "written by 2 process(es)" in out
     assert [r["step"] for r in _rows(run)] == [0, 1, 2, 3]
+
+
+def _launch(args: list[str], cwd: Path, *, restarts: int = 0, env: dict | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {}),
+           "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--max-restarts", str(restarts), "-m", "opo", "train", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_a_failed_checkpoint_write_on_rank_0_stops_every_rank_with_its_message(micro_model_dir, tmp_path):
+    import time
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("a file where the checkpoint folder should be")
+    overrides = micro_overrides(micro_model_dir, run, **{
+        "trainer.steps": 3, "checkpoint.every": 1, "trainer.eval_every": 0, "reward.kind": "reward_fns:even_length",
+        "reward.isolate": "never", "trainer.collective_timeout_minutes": 5})
+    started = time.monotonic()
+    proc = _launch(overrides, tmp_path, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert out.count("opo: error: could not write the checkpoint for step 1") == 2, out[-3000:]  # both ranks
+    assert time.monotonic() - started < 120  # not left waiting for the 5-minute collective timeout
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_after_a_rank_is_killed_and_ends_with_the_uninterrupted_weights(micro_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    def overrides(run):
+        return micro_overrides(micro_model_dir, run, **{
+            "trainer.steps": 4, "checkpoint.every": 2, "trainer.eval_every": 0, "data.eval_size": 6,
+            "metrics.kl_probe_size": 4, "reward.kind": "reward_fns:even_length_rank1_dies",
+            "reward.isolate": "never"})
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = _launch(overrides(straight), tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Rank 1 SIGKILLs itself in step 3, once step 2's checkpoint exists; torchrun restarts both.
+    proc = _launch(overrides(killed), tmp_path, restarts=1,
+                   env={"OPO_TEST_DIE_AFTER": str(killed / "checkpoints" / "step_2")})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "torchrun restart 1: resuming" in out and "resumed" in out, out[-3000:]
+    assert _rows(killed) == _rows(straight)
+    a = load_file(str(straight / "final" / "model.safetensors"))
+    b = load_file(str(killed / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
