@@ -77,14 +77,14 @@ def test_one_update_moves_logprobs_with_the_advantage_sign(micro_policy):
 
 
 def test_on_policy_refuses_stale_responses(micro_model_dir, tmp_path, monkeypatch):
-    real = run_mod.make_engine
+    real = run_mod.engine_from_config
 
     def stale_engine(*args, **kwargs):
         engine = real(*args, **kwargs)
         engine.sync_weights = lambda model, version: None  # never learns the new version
         return engine
 
-    monkeypatch.setattr(run_mod, "make_engine", stale_engine)
+    monkeypatch.setattr(run_mod, "engine_from_config", stale_engine)
     cfg = load_config("tiny", micro_overrides(micro_model_dir, tmp_path / "run"))
     with pytest.raises(TrainingError, match="refuses responses from policy version 0"):
         train(cfg, log=lambda *a: None)
@@ -161,7 +161,7 @@ def test_trainer_scores_under_the_sampling_distribution(micro_model_dir, tmp_pat
 
 def test_a_lying_sampler_stops_the_run_before_any_update(micro_model_dir, tmp_path, monkeypatch):
     """If the sampled distribution is not the one scored, the run refuses to train on it."""
-    real = run_mod.make_engine
+    real = run_mod.engine_from_config
 
     def skewed_engine(*args, **kwargs):
         engine = real(*args, **kwargs)
@@ -174,7 +174,7 @@ def test_a_lying_sampler_stops_the_run_before_any_update(micro_model_dir, tmp_pa
         engine.generate = skewed
         return engine
 
-    monkeypatch.setattr(run_mod, "make_engine", skewed_engine)
+    monkeypatch.setattr(run_mod, "engine_from_config", skewed_engine)
     cfg = load_config("tiny", micro_overrides(micro_model_dir, tmp_path / "run"))
     with pytest.raises(TrainingError, match="max_logp_mismatch"):
         train(cfg, log=lambda *a: None)
