@@ -49,7 +49,12 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     Under torchrun, every process calls this; ranks other than 0 log nothing."""
     world = parallel.init(cfg.model.device, cfg.trainer.collective_timeout_minutes)
     try:
-        return _train(cfg, resume, log if world.is_main else _silent, world)
+        started = time.perf_counter()
+        run = set_up(cfg, resume, log if world.is_main else _silent, world)
+        try:
+            return _train(run, started)
+        finally:
+            run.engine.close()  # before the process group goes: vLLM tears down groups of its own
     finally:
         parallel.shutdown(world)
 
@@ -58,10 +63,8 @@ def _silent(*args, **kwargs) -> None:
     pass
 
 
-def _train(cfg: Config, resume: bool, log, world: parallel.World) -> dict:
-    started = time.perf_counter()
-    run = set_up(cfg, resume, log, world)
-    state = run.state
+def _train(run: Run, started: float) -> dict:
+    cfg, world, log, state = run.cfg, run.world, run.log, run.state
     if state.step > cfg.trainer.steps:
         raise TrainingError(f"the checkpoint in {run.dir} is at step {state.step}, beyond "
                             f"trainer.steps={cfg.trainer.steps}; resume with a larger trainer.steps")

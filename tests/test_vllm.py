@@ -194,3 +194,20 @@ def test_vllm_run_killed_and_resumed_matches_the_uninterrupted_run(straight_run,
     a = load_file(str(straight / "final" / "model.safetensors"))
     b = load_file(str(run / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_vllm
+def test_vllm_under_torchrun_two_gloo_ranks_each_with_its_engine(tmp_path):
+    """vLLM's external_launcher: one engine per rank, in the rank's own process, over gloo."""
+    run = tmp_path / "run"
+    args = [a for a in _vllm_overrides(run, **{"trainer.steps": 2, "checkpoint.every": 0}) if "run.dir" not in a]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "opo", "train", f"run.dir={run}", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]  # vLLM is shut down before the process group goes
+    rows = _rows(run)[1:]
+    assert [r["policy_version"] for r in rows] == [1, 2]
+    assert all(r["logp_mismatch_max"] < FP32_TOLERANCE for r in rows)

@@ -2,6 +2,7 @@
 
     engine.generate(prompt_ids, params) -> RolloutBatch
     engine.sync_weights(model, version)   # after each optimiser step
+    engine.close()                        # at the end of a run, before the process group goes
     engine.policy_version                 # optimiser steps behind the weights it samples from
     engine.samples_from_policy            # True: it runs the trainer's module (FSDP2 gathers it)
 
@@ -65,6 +66,8 @@ class RolloutEngine(Protocol):
 
     def sync_weights(self, model: torch.nn.Module, version: int) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class LocalEngine:
     """An engine that samples from the trainer's own module, so syncing weights is free:
@@ -82,6 +85,9 @@ class LocalEngine:
     def sync_weights(self, model: torch.nn.Module, version: int) -> None:
         self.model = model
         self.policy_version = version
+
+    def close(self) -> None:
+        """Nothing to release: the weights are the trainer's."""
 
 
 def pad_left(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -203,6 +203,13 @@ class VLLMEngine:
                 tied.pop(key, None)
             yield name, tensor
 
+    def close(self) -> None:
+        """Shut vLLM's engine core down now. Left to vLLM's exit hook, it would run after opo
+        has destroyed the torchrun process group and fail on vLLM's own subgroups."""
+        client = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if client is not None:
+            client.shutdown()
+
     def prompt_seeds(self, n_prompts: int) -> list[int]:
         """One seed per prompt from torch's generator, so that runs with one seed sample alike
         (the generator is part of every checkpoint) and no two groups share random numbers."""
