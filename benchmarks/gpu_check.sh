@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 device=${GPU_CHECK_DEVICE:-cuda}
 steps=${GPU_CHECK_STEPS:-5}
 out=${GPU_CHECK_OUT:-$(mktemp -d)}
+mkdir -p "$out"
 python -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
     torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 python -c "import vllm; print('vllm', vllm.__version__)" 2>/dev/null || echo "vllm: not importable"

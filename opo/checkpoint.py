@@ -153,6 +153,36 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, state: 
     return final
 
 
+def lock_run_dir(run_dir: Path):
+    """Claim `run_dir` for this process: an open file holding an exclusive `flock` on
+    RUN/.lock, released when it is closed or the process ends (so a killed run's lock never
+    blocks its resume). A folder another live process holds is a CheckpointError naming it.
+    Under torchrun rank 0 alone takes it: one lock per run, not per rank."""
+    import fcntl
+    import socket
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"run.dir {run_dir} is a file, not a folder; choose another run.dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / ".lock", "a+", encoding="utf-8")
+    except OSError as exc:
+        raise CheckpointError(f"cannot use run.dir {run_dir}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise CheckpointError(f"{run_dir} is in use by a running opo process ({owner}); wait for it to "
+                              f"end or stop it, or choose another run.dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
 def remove_stale_temporaries(root: Path) -> list[Path]:
     """Delete the `.step_N.tmp<pid>` folders of saves whose process is gone (killed in the
     middle of a write); a live process's folder is left alone. Returns what was removed."""

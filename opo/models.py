@@ -152,6 +152,7 @@ def load_policy(path: str, dtype: str = "float32", device: str = "auto", cache_d
     generation defaults are replaced by a minimal config that only says how to stop
     (see `minimal_generation_config`).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_model_dir(path, cache_dir)
@@ -167,6 +168,9 @@ def load_policy(path: str, dtype: str = "float32", device: str = "auto", cache_d
                              f"model.path=DIR, or use a built-in model: tiny, "
                              f"{', '.join(BUILTIN)}") from None
         raise ModelError(f"could not load the model in {folder}: {exc}") from None
+    except (SafetensorError, ValueError) as exc:  # a truncated weights file, a corrupt config.json
+        raise ModelError(f"could not load the model in {folder}: {type(exc).__name__}: {exc} "
+                         f"(a truncated or corrupt weights file?)") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -62,6 +62,14 @@ class Run:
     resumed: bool  # restored from a checkpoint (--resume, or a torchrun restart)
     precision: Precision = field(default_factory=Precision)  # every policy forward runs under it
     loggers: Loggers = field(default_factory=Loggers)  # trainer.loggers: mirrors of metrics.jsonl
+    lock: object = None  # rank 0's hold on RUN/.lock (checkpoint.lock_run_dir), released by `release`
+
+    def release(self) -> None:
+        """Give back what the run holds beyond its memory: the engine, the run folder's lock."""
+        self.engine.close()
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
     def sampling(self) -> SamplingParams:
         r = self.cfg.rollout
@@ -147,6 +155,15 @@ def set_up(cfg: Config, resume: bool, log, world: parallel.World = parallel.SING
     # An empty run.dir gets a name with a timestamp; every rank uses rank 0's.
     cfg.run.dir = world.broadcast_json(cfg.run.dir or default_run_dir(cfg))
     run_dir = Path(cfg.run.dir)
+    lock, failure = None, None
+    if world.is_main:  # one process per run folder; every rank learns whether rank 0 got it
+        try:
+            lock = ckpt.lock_run_dir(run_dir)
+        except ckpt.CheckpointError as exc:
+            failure = str(exc)
+    failure = world.broadcast_json(failure)
+    if failure:
+        raise ckpt.CheckpointError(failure)
     if not resume and ckpt.list_checkpoints(run_dir):
         if not parallel.restart_count():
             raise TrainingError(f"{run_dir} already holds checkpoints; continue it with "
@@ -155,8 +172,6 @@ def set_up(cfg: Config, resume: bool, log, world: parallel.World = parallel.SING
         # the latest checkpoint, as `--resume` would (the command line is the same one).
         resume = True
         log(f"torchrun restart {parallel.restart_count()}: resuming {run_dir} from its latest checkpoint")
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     # Rank 0 keeps the single-process seed; other ranks sample their own responses.
@@ -211,6 +226,7 @@ def set_up(cfg: Config, resume: bool, log, world: parallel.World = parallel.SING
             (run_dir / "metrics.jsonl").write_text("")
         run.probe = make_probe(run)
     run.state.world_size = world.size
+    run.lock = lock
     run.loggers = Loggers.from_config(cfg, run_dir, run.state.step if checkpoint else 0, world.is_main)
     return run
 

@@ -54,7 +54,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
         try:
             return _train(run, started)
         finally:
-            run.engine.close()  # before the process group goes: vLLM tears down groups of its own
+            run.release()  # before the process group goes: vLLM tears down groups of its own
     finally:
         parallel.shutdown(world)
 

@@ -89,3 +89,81 @@ def test_the_console_script_reports_errors_and_finds_modules_in_cwd(tmp_path):
     json_bad = run("eval", "--task-config", "{oops")
     assert json_bad.returncode == 2 and "not valid JSON" in json_bad.stderr
     assert "Traceback" not in json_bad.stderr
+
+
+def _broken_files(tmp_path: Path, micro_model_dir: Path) -> dict[str, Path]:
+    """Files that are not what their names say: each must give a message naming it."""
+    import shutil
+
+    model = tmp_path / "truncated_model"
+    shutil.copytree(micro_model_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5])  # cut inside the header
+    binary = tmp_path / "garbage.jsonl"
+    binary.write_bytes(bytes(range(128, 256)) * 8 + b"\n" + bytes(range(256)))
+    fake_parquet = tmp_path / "not.parquet"
+    fake_parquet.write_text('{"question": "1+1", "answer": "2"}\n')
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    return {"model": model, "jsonl": binary, "parquet": fake_parquet, "file": a_file}
+
+
+@pytest.mark.parametrize("case, words", [
+    ("model", ["truncated_model", "could not load the model", "corrupt"]),
+    ("jsonl", ["garbage.jsonl", "line 1", "not UTF-8 text"]),
+    ("parquet", ["not.parquet", "not a readable parquet file"]),
+    ("file", ["a_file", "is a file, not a folder", "run.dir"]),
+])
+def test_broken_files_exit_2_with_a_message_naming_the_path(case, words, micro_model_dir, tmp_path, capsys):
+    from conftest import micro_overrides
+
+    broken = _broken_files(tmp_path, micro_model_dir)
+    extra = {"model": {"model.path": broken["model"]}, "jsonl": {"data.source": broken["jsonl"]},
+             "parquet": {"data.source": broken["parquet"]}, "file": {"run.dir": broken["file"]}}[case]
+    overrides = micro_overrides(micro_model_dir, tmp_path / "run", **extra)
+    code = main(["train", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("opo: error: ") and "Traceback" not in err
+    for word in words:
+        assert word in err, err
+
+
+def test_a_second_train_on_a_live_run_folder_is_refused_naming_the_process(micro_model_dir, tmp_path):
+    """Two `opo train` on one run.dir: the second refuses while the first lives; once the first
+    is killed, its stale lock does not block a resume."""
+    import signal
+    import time
+
+    from conftest import micro_overrides
+
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "opo", "train",
+                              *micro_overrides(micro_model_dir, run, **{"trainer.steps": 400,
+                                                                         "checkpoint.every": 1})],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / "checkpoints" / "step_1").exists():
+            assert first.poll() is None and time.time() < deadline, first.communicate()[0][-2000:]
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "-m", "opo", "train", "--resume", str(run)],
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"in use by a running opo process (pid {first.pid} on" in second.stderr
+        assert "Traceback" not in second.stderr
+        fresh = subprocess.run([sys.executable, "-m", "opo", "train",
+                                *micro_overrides(micro_model_dir, run, **{"trainer.steps": 3})],
+                               capture_output=True, text=True, timeout=120)
+        assert fresh.returncode == 2 and "in use by a running opo process" in fresh.stderr
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    from opo import checkpoint as ckpt
+
+    step = ckpt.list_checkpoints(run)[-1][0]
+    assert (run / ".lock").exists()  # the killed run's lock file stays behind, its lock does not
+    resumed = subprocess.run([sys.executable, "-m", "opo", "train", "--resume", str(run),
+                              f"trainer.steps={step + 1}"], capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "resumed" in resumed.stdout

@@ -35,7 +35,11 @@ def _read_rows(path: Path) -> list[tuple[str, Any]]:
     if suffix == ".json":
         return _read_json(path)
     if suffix == ".parquet":
-        table = _pyarrow_parquet(path).read_table(path)
+        pq = _pyarrow_parquet(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # noqa: BLE001 - pyarrow's ArrowInvalid, OSError...: a file it cannot read
+            raise DataError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
         return [(f"row {i}", row) for i, row in enumerate(table.to_pylist())]
     raise DataError(f"{path}: unsupported file type {suffix or '(no suffix)'!r}; use "
                     + ", ".join(FILE_FORMATS))
@@ -43,9 +47,9 @@ def _read_rows(path: Path) -> list[tuple[str, Any]]:
 
 def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
     rows = []
-    # utf-8-sig tolerates the byte-order mark some editors write.
-    with open(path, encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line = _decode(raw, path, f"line {number}", bom=number == 1)
             if not line.strip():
                 continue  # blank lines (a trailing newline, say) are not rows
             try:
@@ -56,9 +60,19 @@ def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
     return rows
 
 
+def _decode(raw: bytes, path: Path, where: str, bom: bool = True) -> str:
+    """UTF-8 text (utf-8-sig tolerates the byte-order mark some editors write), or a DataError
+    naming the place: a binary file or another encoding gets a message, not a traceback."""
+    try:
+        return raw.decode("utf-8-sig" if bom else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: {where} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte {exc.start}); "
+                        f"is it a binary file, or in another encoding?") from None
+
+
 def _read_json(path: Path) -> list[tuple[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(_decode(path.read_bytes(), path, "the file"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, "
                         f"column {exc.colno})") from None
@@ -138,8 +152,11 @@ def _read_arrow_file(file: Path):
         with pa.memory_map(str(file), "r") as source:
             return ipc.open_stream(source).read_all()
     except pa.ArrowInvalid:
-        with pa.memory_map(str(file), "r") as source:
-            return ipc.open_file(source).read_all()
+        try:
+            with pa.memory_map(str(file), "r") as source:
+                return ipc.open_file(source).read_all()
+        except pa.ArrowInvalid as exc:
+            raise DataError(f"{file}: not a readable Arrow file ({exc})") from None
 
 
 def _read_saved_split(folder: Path) -> list[tuple[str, Any]]:
