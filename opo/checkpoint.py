@@ -40,6 +40,10 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 FILES = ("model.safetensors", "optimizer.pt", "tensors.safetensors", "trainer_state.json")
 
 
+# transformers 4.x refuses a safetensors file without this tag as a model's weights.
+PT_FORMAT = {"format": "pt"}
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message says which and why."""
 
@@ -127,11 +131,11 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, state: 
         tmp.mkdir()
         trainable = _trainable_only(model)
         if weights is not None:  # gathered by opo.parallel (FSDP2 shards)
-            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_file(weights, str(tmp / "model.safetensors"), metadata=PT_FORMAT)
         elif trainable is not None:  # LoRA: only the adapters; the base comes from model.path
-            save_file(trainable, str(tmp / "model.safetensors"))
+            save_file(trainable, str(tmp / "model.safetensors"), metadata=PT_FORMAT)
         else:
-            save_model(model, str(tmp / "model.safetensors"))
+            save_model(model, str(tmp / "model.safetensors"), metadata=PT_FORMAT)
         torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state,
                    tmp / "optimizer.pt")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},

@@ -302,10 +302,13 @@ def wrap(model: torch.nn.Module, world: World, kind: str = "ddp", mp_policy=None
         return ddp(root, device_ids=ids, **quiet)
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard
     except ImportError:
-        raise ConfigError(f"trainer.parallel: 'fsdp' needs torch >= 2.6 (FSDP2's fully_shard); this is "
-                          f"torch {torch.__version__}") from None
+        FSDPModule = None  # noqa: N806
+    if FSDPModule is None or not hasattr(FSDPModule, "reset_iter_state"):
+        raise ConfigError(f"trainer.parallel: 'fsdp' needs FSDP2 with fully_shard and reset_iter_state "
+                          f"(torch 2.13 has them; this is torch {torch.__version__}); use trainer.parallel=ddp "
+                          f"or a newer torch") from None
     mesh = init_device_mesh("cuda" if world.device.startswith("cuda") else "cpu", (world.size,))
     names = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]

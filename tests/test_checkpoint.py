@@ -79,11 +79,11 @@ def test_disk_full_keeps_the_previous_checkpoint(micro_model_dir, tmp_path, monk
     real_save = ckpt.save_model
     calls = {"n": 0}
 
-    def full_disk(model, path):
+    def full_disk(model, path, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(model, path)
+        return real_save(model, path, **kwargs)
 
     monkeypatch.setattr(ckpt, "save_model", full_disk)
     with pytest.raises(ckpt.CheckpointError) as err:
