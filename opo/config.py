@@ -220,6 +220,10 @@ class TrainerConfig:
     progress: bool = doc("Show a live progress bar; when false, print a line every log_every steps.",
                          True)
     log_every: int = doc("Steps between progress lines when trainer.progress is false.", 1)
+    log_samples: int = doc(
+        "Responses per step written to RUN/samples.jsonl (prompt, response, reward, the answer "
+        "the reward read, advantage, length, finish reason, sampler log-prob sum), spread over "
+        "the batch's prompts; also sent to TensorBoard/W&B as text/tables. 0 = none.", 4)
     warn_no_signal_steps: int = doc(
         "Warn once when this many steps in a row had no learning signal (every group's rewards "
         "equal); 0 disables the warning.", 10)
@@ -438,7 +442,7 @@ COUNT_LIMITS = {
     "rollout.batch_size": 0, "algo.updates_per_batch": 1, "algo.micro_batch_size": 0,
     "algo.max_tokens_per_micro_batch": 0, "algo.logprob_chunk_size": 0, "data.train_size": 0,
     "data.eval_size": 0, "trainer.steps": 0, "trainer.eval_every": 0, "trainer.max_bad_steps": 1,
-    "trainer.threads": 0, "trainer.log_every": 1, "trainer.warn_no_signal_steps": 0,
+    "trainer.threads": 0, "trainer.log_every": 1, "trainer.log_samples": 0, "trainer.warn_no_signal_steps": 0,
     "eval.samples": 1, "eval.batch_size": 0, "metrics.kl_probe_size": 0,
     "metrics.repetition_ngram": 1, "checkpoint.every": 0, "checkpoint.keep": 1, "reward.workers": 1,
     "model.lora.r": 0, "rollout.vllm.max_model_len": 0,

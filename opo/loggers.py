@@ -76,6 +76,15 @@ class TensorBoardLogger:
             self.writer.add_scalar(key, value, global_step=row["step"])
         self.writer.flush()
 
+    def log_samples(self, step: int, records: list[dict]) -> None:
+        """The step's samples as one markdown table in TensorBoard's Text tab."""
+        columns = list(records[0])
+        cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in records]
+        self.writer.add_text("samples", "\n".join(lines), global_step=step)
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -108,6 +117,13 @@ class WandbLogger:
     def log(self, row: dict) -> None:
         self.run.log(scalars(row), step=row["step"])
 
+    def log_samples(self, step: int, records: list[dict]) -> None:
+        import wandb
+
+        columns = list(records[0])
+        table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in records])
+        self.run.log({"samples": table}, step=step)
+
     def close(self) -> None:
         self.run.finish()
 
@@ -131,6 +147,10 @@ class Loggers:
     def log(self, row: dict) -> None:
         for logger in self.loggers:
             logger.log(row)
+
+    def log_samples(self, step: int, records: list[dict]) -> None:
+        for logger in self.loggers:
+            logger.log_samples(step, records)
 
     def close(self) -> None:
         for logger in self.loggers:

@@ -214,6 +214,8 @@ def set_up(cfg: Config, resume: bool, log, world: parallel.World = parallel.SING
         parallel.load_optimizer_state(world, policy, optimizer, lambda: ckpt.read_optimizer_state(checkpoint))
         run.probe = KLProbe.from_state_dict(tensors) if "probe.logp0" in tensors else None
         precision.load_state_dict(run.state.grad_scaler)
+        if world.is_main:
+            _keep_samples_up_to(run_dir, run.state.step)
         engine.sync_weights(model, run.state.policy_version)
         log(f"resumed {run_dir} at step {run.state.step}")
         if run.state.world_size != world.size:
@@ -224,6 +226,7 @@ def set_up(cfg: Config, resume: bool, log, world: parallel.World = parallel.SING
         if world.is_main:
             (run_dir / "config.yaml").write_text(dump_yaml(cfg))
             (run_dir / "metrics.jsonl").write_text("")
+            (run_dir / "samples.jsonl").write_text("")
         run.probe = make_probe(run)
     run.state.world_size = world.size
     run.lock = lock
@@ -264,6 +267,25 @@ def write_row(run: Run, row: dict) -> None:
         with open(run.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         run.loggers.log(row)  # after the file: metrics.jsonl stays the record
+
+
+def write_samples(run: Run, records: list[dict]) -> None:
+    """Append this step's sampled responses to RUN/samples.jsonl (rank 0; see train_step)."""
+    if run.world.is_main and records:
+        with open(run.dir / "samples.jsonl", "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        run.loggers.log_samples(records[0]["step"], records)
+
+
+def _keep_samples_up_to(run_dir: Path, step: int) -> None:
+    """On resume the steps after the checkpoint are trained again: drop their old samples."""
+    path = run_dir / "samples.jsonl"
+    if path.exists():
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if line.strip() and json.loads(line)["step"] <= step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
 
 
 def save_final(run: Run) -> None:

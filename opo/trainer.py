@@ -27,7 +27,8 @@ from opo.console import StopFlag, print_profile, progress_bar, report_progress
 from opo.data import encode_prompts
 from opo.gradnorm import response_weights
 from opo.metrics import repetition_counts
-from opo.run import Run, TrainingError, default_run_dir, load_run_config, save_final, set_up, write_row
+from opo.run import (Run, TrainingError, default_run_dir, load_run_config, save_final, set_up, write_row,
+                     write_samples)
 from opo.sequences import pack
 from opo.update import OffPolicyError, PhaseTimer, policy_update, sampling_dist
 
@@ -170,9 +171,22 @@ def train_step(run: Run) -> dict:
     with timer("kl_probe"):
         row["kl_to_init"] = run.probe.estimate(run.logprobs) if run.probe else None
     _watch_signal(run, no_signal)
+    write_samples(run, _sample_records(run, prompt_texts, examples, batch, rewards, run.world.local_part(adv)))
     row.update(timer.row())
     row["seconds"] = time.perf_counter() - t0
     return row
+
+
+def _sample_records(run: Run, prompt_texts, examples, batch, rewards, adv) -> list[dict]:
+    """trainer.log_samples of this rank's responses, one every len/N, for samples.jsonl."""
+    n = min(run.cfg.trainer.log_samples, len(batch))
+    picks = range(0, len(batch), max(1, len(batch) // n))[:n] if n else []
+    return [{"step": run.state.step, "prompt": prompt_texts[batch.group_ids[i]], "response": batch.texts[i],
+             "reward": rewards.rewards[i], "answer_read": rewards.answers[i] if rewards.answers else None,
+             "gold": str(examples[batch.group_ids[i]].get("answer", "")), "advantage": float(adv[i]),
+             "length": batch.lengths[i], "finish_reason": batch.finish_reasons[i],
+             "sampler_logprob_sum": float(sum(batch.logprobs[i])) if batch.logprobs else None}
+            for i in picks]
 
 
 def _account_update(run: Run, stats: dict) -> None:

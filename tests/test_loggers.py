@@ -151,3 +151,23 @@ def test_wandb_that_cannot_start_is_a_clear_error(micro_model_dir, tmp_path, mon
     assert not (run / "checkpoints").exists()  # nothing trained, and the folder can be used again
     monkeypatch.undo()  # the real wandb.init again
     assert main(["train", *args[:-1], "trainer.wandb_mode=offline"]) == 0
+
+
+def test_tensorboard_shows_each_steps_samples_as_a_table(micro_model_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    cfg = load_config("tiny", micro_overrides(micro_model_dir, run, **{
+        "trainer.steps": 2, "trainer.log_samples": 2, "trainer.loggers": "[tensorboard]"}))
+    train(cfg, log=lambda *a: None)
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    (tag,) = [t for t in acc.Tags()["tensors"] if t.startswith("samples")]
+    events = acc.Tensors(tag)
+    assert [e.step for e in events] == [1, 2]
+    records = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    for event in events:
+        table = event.tensor_proto.string_val[0].decode()
+        mine = [r for r in records if r["step"] == event.step]
+        assert table.count("\n") == 1 + len(mine)  # header, rule, one line per sample
+        assert all(f"| {r['step']} |" in table and str(r["advantage"]) in table for r in mine)

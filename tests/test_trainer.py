@@ -242,3 +242,33 @@ def test_off_policy_takes_exactly_u_steps_when_rows_do_not_divide(micro_model_di
     assert rows[0]["policy_version"] == 4
     state = torch.load(tmp_path / "run" / "checkpoints" / "step_1" / "optimizer.pt", weights_only=True)
     assert {int(s["step"]) for s in state["state"].values()} == {4}  # AdamW really stepped 4 times
+
+
+def test_samples_jsonl_holds_the_logged_responses_and_survives_a_resume(micro_model_dir, tmp_path):
+    from opo.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", *micro_overrides(micro_model_dir, run, **{
+        "trainer.steps": 3, "trainer.log_samples": 3, "checkpoint.every": 2})]) == 0
+    records = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    for r in records:
+        assert set(r) == {"step", "prompt", "response", "reward", "answer_read", "gold", "advantage",
+                          "length", "finish_reason", "sampler_logprob_sum"}
+        assert r["finish_reason"] in ("stop", "length") and 1 <= r["length"] <= 12
+        assert r["sampler_logprob_sum"] <= 0 and r["prompt"] and isinstance(r["advantage"], float)
+        assert rows[r["step"]]["reward_mean"] is not None
+    assert len({(r["step"], r["prompt"]) for r in records}) > 3  # spread over prompts, not one group
+    # Resume from step 2: step 3 is trained again, and its samples are not written twice.
+    import shutil
+
+    from opo import checkpoint as ckpt
+
+    shutil.rmtree(run / "final")
+    for step, path in ckpt.list_checkpoints(run):
+        if step == 3:
+            shutil.rmtree(path)
+    assert main(["train", "--resume", str(run)]) == 0
+    again = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    assert again == records  # the replayed step 3 wrote the same samples, once
