@@ -160,6 +160,16 @@ class AlgoConfig:
         "Response tokens sent through the output layer at once when computing log-probs; more "
         "than one chunk means each is recomputed in the backward pass, so the logits in memory "
         "never exceed [chunk, vocabulary]. 0 = all at once.", 4096)
+    rollout_correction: Literal["none", "token-tis", "token-mask", "sequence-tis", "sequence-mask"] = doc(
+        "Reweighting of each token's policy-gradient term for the gap between the sampler's "
+        "distribution π_s (its own log-probs, returned by every engine) and the trainer's π_θ, "
+        "with ρ = π_θ/π_s per token and ρ̄ its geometric mean over a response: `none`; "
+        "`token-tis`, min(ρ, C) (truncated importance sampling); `token-mask`, tokens with ρ "
+        "outside [1/C, C] get weight 0; `sequence-tis`, min(ρ̄, C) on the whole response; "
+        "`sequence-mask`, responses with ρ̄ outside [1/C, C] get weight 0. C is "
+        "algo.correction_cap. The weights are detached (opo.loss.rollout_correction).", "none")
+    correction_cap: float = doc("C of algo.rollout_correction: the cap of the truncated weights "
+                                "and the bounds [1/C, C] of the masks; > 1.", 2.0)
     max_logp_mismatch: float | Literal["auto"] = doc(
         "Exact on-policy check: the run stops when any response token's log-probability under the "
         "trainer differs from the sampler's by more than this (logged every step as "
@@ -471,6 +481,7 @@ def validate(cfg: Config) -> None:
     need(cfg.rollout.top_k >= 0, "rollout.top_k", "use an integer >= 0 (0 = off)", cfg.rollout.top_k)
     need(cfg.algo.max_logp_mismatch == "auto" or cfg.algo.max_logp_mismatch >= 0,
          "algo.max_logp_mismatch", "use a number >= 0 (0 = off) or auto", cfg.algo.max_logp_mismatch)
+    need(cfg.algo.correction_cap > 1, "algo.correction_cap", "use a number > 1", cfg.algo.correction_cap)
     need(not cfg.model.pure_low_precision or cfg.model.dtype != "float32", "model.pure_low_precision",
          "it only applies with model.dtype bfloat16 or float16", cfg.model.pure_low_precision)
     need(cfg.model.lora.r == 0 or bool(cfg.model.lora.target_modules), "model.lora.target_modules",

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import torch
 
-from opo.loss import policy_loss
+from opo.loss import policy_loss, rollout_correction
 from opo.parallel import SINGLE, World, clip_grad_norm
 from opo.precision import Precision, mismatch_limit
 from opo.sequences import Dist, Packed, batched_logprobs, score
@@ -81,6 +81,7 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
     stats = {"loss": 0.0, "entropy": 0.0, "grad_norm": 0.0, "clip_frac": 0.0, "ratio_max": 0.0,
              "bad_updates": 0}
     mismatch = _Mismatch()
+    correction = _Correction()
     batch_tokens = world.sum(packed.response_mask.sum())
     if not on_policy:
         with timer("old_logprobs"), amp.autocast():
@@ -105,6 +106,7 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
             with timer("forward"), amp.autocast():
                 logp, entropy = score(model, micro, dist, with_entropy=True,
                                       chunk_tokens=a.logprob_chunk_size)
+                weights = correction.weights(micro, logp, a.rollout_correction, a.correction_cap)
                 ref = None
                 if ref_model is not None:
                     with torch.no_grad():
@@ -113,7 +115,8 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
                     logp, micro.values.get("old_logp"), mini_adv[idx.to(mini_adv.device)],
                     micro.response_mask, agg=a.loss_agg, total_tokens=mini_tokens,
                     total_seqs=mini_seqs, clip_eps=None if on_policy else a.clip_eps,
-                    entropy=entropy, entropy_coef=a.entropy_coef, ref_logp=ref, kl_coef=a.kl_coef)
+                    entropy=entropy, entropy_coef=a.entropy_coef, ref_logp=ref, kl_coef=a.kl_coef,
+                    is_weights=weights)
             if on_policy:
                 mismatch.add(logp.detach(), micro)
             with timer("backward"):
@@ -146,7 +149,42 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
     if not on_policy:
         mismatch.reduce(world)
     stats.update(mismatch.summary())
+    stats.update(correction.summary(world))
     return stats
+
+
+class _Correction:
+    """Rollout-correction weights per micro-batch (opo.loss.rollout_correction) and their
+    statistics summed over the step, for the metrics row."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.max = 0.0
+
+    def weights(self, micro: Packed, logp: torch.Tensor, mode: str, cap: float) -> torch.Tensor | None:
+        """The weights for this micro-batch's tokens, or None when there is nothing to correct.
+        ρ compares the sampler with the policy the step starts from: the scored log-probs
+        on-policy, the old log-probs of the first pass off-policy (their PPO ratio does the rest)."""
+        sampler = micro.values.get("sampler_logp")
+        if sampler is None:
+            return None
+        behaviour = micro.values.get("old_logp", logp)
+        weights, st = rollout_correction(behaviour, sampler.to(logp.device), micro.response_mask, mode, cap)
+        values = dict(zip(st, torch.stack([v.float() for v in st.values()]).tolist()))  # one sync
+        self.max = max(self.max, values.pop("weight_max"))
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        return None if mode == "none" else weights
+
+    def summary(self, world: World) -> dict:
+        keys = ("tokens", "kl", "weight", "corrected", "seqs", "seqs_corrected")
+        tokens, kl, weight, corrected, seqs, seqs_corrected = world.sum(*(self.sums.get(k, 0.0) for k in keys))
+        weight_max = world.max(self.max)
+        if not tokens:
+            return {"mismatch_kl": None, "is_weight_mean": None, "is_weight_max": None, "is_corrected_share": None}
+        share = seqs_corrected / seqs if seqs else corrected / tokens  # sequence modes count responses
+        return {"mismatch_kl": kl / tokens, "is_weight_mean": weight / tokens, "is_weight_max": weight_max,
+                "is_corrected_share": share}
 
 
 class _Mismatch:

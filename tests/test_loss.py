@@ -217,3 +217,75 @@ def test_one_sgd_step_follows_advantage_sign():
     after = response_logprob().sum(-1).detach()
     assert after[0] > before[0] + 1e-3
     assert after[1] < before[1] - 1e-3
+
+
+# --- rollout correction ----------------------------------------------------------------
+from opo.loss import CORRECTIONS, rollout_correction  # noqa: E402
+
+
+def _two_rows():
+    """Row 0: tokens with ρ = 3, 1, 0.25 (log ρ = log 3, 0, log 0.25); row 1: ρ = 1.5 and a pad."""
+    log_rho = torch.tensor([[math.log(3.0), 0.0, math.log(0.25)], [math.log(1.5), 0.0, 0.0]])
+    sampler = torch.tensor([[-1.0, -2.0, -0.5], [-1.2, -0.7, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    return sampler + log_rho, sampler, mask
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("none", [[1, 1, 1], [1, 1, 0]]),
+    ("token-tis", [[2, 1, 0.25], [1.5, 1, 0]]),         # min(ρ, 2)
+    ("token-mask", [[0, 1, 0], [1, 1, 0]]),             # ρ = 3 and 0.25 lie outside [0.5, 2]
+    # row 0: ρ̄ = (3 · 1 · 0.25)^(1/3) = 0.9086; row 1: ρ̄ = (1.5 · 1)^(1/2) = 1.2247
+    ("sequence-tis", [[0.75 ** (1 / 3)] * 3, [1.5 ** 0.5] * 2 + [0]]),
+    ("sequence-mask", [[1, 1, 1], [1, 1, 0]]),
+])
+def test_rollout_correction_weights_hand_computed(mode, expected):
+    logp, sampler, mask = _two_rows()
+    weights, st = rollout_correction(logp, sampler, mask, mode, cap=2.0)
+    torch.testing.assert_close(weights, torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+    assert float(st["tokens"]) == 5
+    rho = torch.tensor([3.0, 1.0, 0.25, 1.5, 1.0])
+    assert float(st["kl"]) == pytest.approx(float((rho - 1 - rho.log()).sum()), rel=1e-5)  # k3 per token
+    assert float(st["weight"]) == pytest.approx(sum(map(sum, expected)), rel=1e-5)
+    corrected = {"none": 0, "token-tis": 1, "token-mask": 2, "sequence-tis": 0, "sequence-mask": 0}[mode]
+    assert float(st["corrected"]) == corrected
+
+
+def test_sequence_mask_drops_a_whole_response_and_counts_it():
+    logp, sampler, mask = _two_rows()
+    logp[1, 0] = sampler[1, 0] + math.log(9.0)  # row 1: ρ̄ = 3 > C = 2
+    weights, st = rollout_correction(logp, sampler, mask, "sequence-mask", cap=2.0)
+    assert weights[1].tolist() == [0, 0, 0] and weights[0].tolist() == [1, 1, 1]
+    assert float(st["seqs"]) == 2 and float(st["seqs_corrected"]) == 1
+
+
+def test_token_tis_gradient_is_the_importance_weighted_gradient():
+    """Samples drawn from a known q; with a cap above every ρ, the loss's gradient equals
+    Σ_t (π_θ(y_t)/q(y_t)) · A · ∇log π_θ(y_t) / T, the importance-weighted policy gradient."""
+    torch.manual_seed(0)
+    z = torch.randn(4, 6, requires_grad=True)              # π_θ: a softmax per position
+    q = torch.softmax(torch.randn(4, 6), -1)               # the sampler: another distribution
+    y = torch.multinomial(q, 1).squeeze(-1)                # one sampled token per position
+    logp = torch.log_softmax(z, -1).gather(-1, y[:, None]).squeeze(-1).view(1, 4)
+    sampler = q.log().gather(-1, y[:, None]).squeeze(-1).view(1, 4)
+    mask, adv = torch.ones(1, 4), torch.tensor([0.7])
+    weights, _ = rollout_correction(logp, sampler, mask, "token-tis", cap=1e6)
+    loss, _ = policy_loss(logp, None, adv, mask, agg="token-mean", total_tokens=4, total_seqs=1,
+                          is_weights=weights)
+    (got,) = torch.autograd.grad(loss, z, retain_graph=True)
+    rho = (logp.detach() - sampler).exp()
+    (expected,) = torch.autograd.grad(-(rho * adv * logp).sum() / 4, z, retain_graph=True)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, torch.autograd.grad(-(adv * logp).sum() / 4, z)[0])  # it did reweight
+
+
+def test_config_names_the_same_corrections_as_the_loss():
+    import typing
+
+    from opo.config import AlgoConfig, ConfigError, load_config
+
+    assert typing.get_args(typing.get_type_hints(AlgoConfig)["rollout_correction"]) == CORRECTIONS
+    with pytest.raises(ConfigError, match="algo.rollout_correction"):
+        load_config("tiny", ["algo.rollout_correction=tis"])
+    with pytest.raises(ConfigError, match="algo.correction_cap"):
+        load_config("tiny", ["algo.correction_cap=1"])

@@ -272,3 +272,14 @@ def test_samples_jsonl_holds_the_logged_responses_and_survives_a_resume(micro_mo
     assert main(["train", "--resume", str(run)]) == 0
     again = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
     assert again == records  # the replayed step 3 wrote the same samples, once
+
+
+@pytest.mark.parametrize("mode", ["none", "token-tis", "sequence-mask"])
+def test_rollout_correction_metrics_in_every_row(micro_model_dir, tmp_path, mode):
+    rows = _train_rows(micro_model_dir, tmp_path / "run", **{"trainer.steps": 2, "algo.rollout_correction": mode,
+                                                             "algo.correction_cap": 1.5})
+    for r in rows:
+        # fp32: sampler and trainer agree to ~1e-5, so ρ ≈ 1 everywhere and nothing is corrected.
+        assert 0 <= r["mismatch_kl"] < 1e-6
+        assert r["is_weight_mean"] == pytest.approx(1.0, abs=1e-3) and r["is_weight_max"] <= 1.5
+        assert r["is_corrected_share"] == 0.0
