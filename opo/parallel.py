@@ -158,6 +158,21 @@ class World:
         dist.broadcast(buf, 0)
         return json.loads(buf.cpu().numpy().tobytes())
 
+    def on_main(self, action, error: type[Exception]):
+        """`action()` on rank 0 alone, its result there (None elsewhere), and a barrier: an
+        `error` it raises is raised on every rank with rank 0's message, so no rank goes on
+        into collectives that a stopped rank 0 will never join."""
+        result, failure = None, None
+        if self.is_main:
+            try:
+                result = action()
+            except error as exc:
+                failure = str(exc)
+        failure = self.broadcast_json(failure)
+        if failure:
+            raise error(failure)
+        return result
+
     # ------------------------------------------------------------------ micro-batches
 
     def same_count(self, plan: list[list[int]]) -> list[list[int]]:

@@ -109,20 +109,12 @@ class Run:
         weights = parallel.full_weights(self.world, self.policy)
         optimizer_state = parallel.optimizer_state(self.world, self.policy, self.optimizer)
         rngs = self.world.all_gather_json(ckpt.rng_to_json(*ckpt.rng_state()))
-        failure = None
-        if self.world.is_main:
-            try:
-                ckpt.save_run(self.dir, self.cfg.checkpoint.keep, self.state, self.model, self.tokenizer,
-                              self.optimizer, self.scheduler, self.sampler,
-                              self.probe.state_dict() if self.probe else {}, weights=weights,
-                              optimizer_state=optimizer_state, other_rank_rngs=rngs[1:])
-            except ckpt.CheckpointError as exc:
-                failure = str(exc)
         # Every rank waits for rank 0's write and learns how it went: no rank runs ahead into
         # the next step's collectives, and a failed write stops all of them with its message.
-        failure = self.world.broadcast_json(failure)
-        if failure:
-            raise ckpt.CheckpointError(failure)
+        self.world.on_main(lambda: ckpt.save_run(
+            self.dir, self.cfg.checkpoint.keep, self.state, self.model, self.tokenizer, self.optimizer,
+            self.scheduler, self.sampler, self.probe.state_dict() if self.probe else {}, weights=weights,
+            optimizer_state=optimizer_state, other_rank_rngs=rngs[1:]), ckpt.CheckpointError)
 
 
 def lr_lambda(cfg: Config):
@@ -155,15 +147,7 @@ def set_up(cfg: Config, resume: bool, log, world: parallel.World = parallel.SING
     # An empty run.dir gets a name with a timestamp; every rank uses rank 0's.
     cfg.run.dir = world.broadcast_json(cfg.run.dir or default_run_dir(cfg))
     run_dir = Path(cfg.run.dir)
-    lock, failure = None, None
-    if world.is_main:  # one process per run folder; every rank learns whether rank 0 got it
-        try:
-            lock = ckpt.lock_run_dir(run_dir)
-        except ckpt.CheckpointError as exc:
-            failure = str(exc)
-    failure = world.broadcast_json(failure)
-    if failure:
-        raise ckpt.CheckpointError(failure)
+    lock = world.on_main(lambda: ckpt.lock_run_dir(run_dir), ckpt.CheckpointError)  # one process per run folder
     if not resume and ckpt.list_checkpoints(run_dir):
         if not parallel.restart_count():
             raise TrainingError(f"{run_dir} already holds checkpoints; continue it with "

@@ -6,17 +6,21 @@ import torch
 from opo import toy
 
 
-@pytest.fixture(scope="session")
-def micro_model_dir(tmp_path_factory):
-    """A ~30k-parameter random Llama with the toy character tokenizer, saved as a HF folder."""
-    out = tmp_path_factory.mktemp("micro_model")
+def save_toy_model(out, hidden: int, layers: int):
+    """A random Llama with the toy character tokenizer (4 heads of hidden/4), saved as a HF folder."""
     tokenizer = toy.build_tokenizer()
-    model = toy.build_model(tokenizer, hidden=32, layers=1, seed=0)
+    model = toy.build_model(tokenizer, hidden=hidden, layers=layers, seed=0)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory):
+    """A ~30k-parameter random Llama with the toy character tokenizer, saved as a HF folder."""
+    return save_toy_model(tmp_path_factory.mktemp("micro_model"), hidden=32, layers=1)
 
 
 @pytest.fixture

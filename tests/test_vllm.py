@@ -19,11 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opo import toy
 from opo.config import load_config
 from opo.rollout import make_engine
 from opo.rollout import vllm as vllm_engine
 from opo.trainer import is_timing_field
+
+from conftest import save_toy_model
 
 
 REASON = vllm_engine.unavailable_reason()
@@ -68,14 +69,7 @@ def test_vllm_config_is_validated():
 def vllm_model_dir(tmp_path_factory):
     """A small random Llama that vLLM's CPU attention accepts (head size 32; the shared micro
     model's 8 is refused), with the toy character tokenizer."""
-    out = tmp_path_factory.mktemp("vllm_model")
-    tokenizer = toy.build_tokenizer()
-    model = toy.build_model(tokenizer, hidden=128, layers=2, seed=0)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_toy_model(tmp_path_factory.mktemp("vllm_model"), hidden=128, layers=2)
 
 
 @pytest.fixture(scope="module")
