@@ -207,3 +207,17 @@ def test_a_killed_saves_temporary_folder_is_removed_by_the_next_save(micro_model
                          state={"step": 4}, tensors={}, keep=2, tokenizer=tok)
     assert not dead.exists() and alive.exists()
     assert [p.name for _, p in ckpt.list_checkpoints(tmp_path)] == ["step_4"]
+
+
+def test_two_identical_runs_at_the_same_time_are_bitwise_equal(micro_model_dir, tmp_path):
+    """The repeatability guarantee as it stands: one seed, trainer.threads=1 (conftest's
+    default), two processes sharing the machine, identical rows and weights."""
+    runs = [tmp_path / "a", tmp_path / "b"]
+    procs = [_run_cli(micro_overrides(micro_model_dir, run, **{"trainer.steps": 8, "checkpoint.every": 0}))
+             for run in runs]
+    for proc in procs:
+        out = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, out[-2000:]
+    assert _rows(runs[0]) == _rows(runs[1])
+    a, b = (load_file(str(run / "final" / "model.safetensors")) for run in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
