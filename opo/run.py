@@ -158,6 +158,12 @@ def set_up(cfg: Config, resume: bool, log, world: parallel.World = parallel.SING
         log(f"torchrun restart {parallel.restart_count()}: resuming {run_dir} from its latest checkpoint")
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
+    if pick_device(world.device).type == "cpu":
+        # With 2+ threads the backward of the shared-prompt gathers (opo.sequences) otherwise
+        # accumulates in an order that varies from call to call, so runs of one seed drift
+        # apart (~1e-9 after a step). The deterministic kernels cost nothing measurable here;
+        # warn_only keeps an op without one from stopping the run.
+        torch.use_deterministic_algorithms(True, warn_only=True)
     # Rank 0 keeps the single-process seed; other ranks sample their own responses.
     seed_everything(cfg.trainer.seed if world.is_main else derive_seed(cfg.trainer.seed, f"rank {world.rank}"))
     split = load_split(cfg.data)
