@@ -139,7 +139,7 @@ def test_a_second_train_on_a_live_run_folder_is_refused_naming_the_process(micro
 
     run = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "opo", "train",
-                              *micro_overrides(micro_model_dir, run, **{"trainer.steps": 400,
+                              *micro_overrides(micro_model_dir, run, **{"trainer.steps": 100000,
                                                                          "checkpoint.every": 1})],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
