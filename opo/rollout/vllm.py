@@ -86,7 +86,8 @@ def _own_process_state():
     with a no-op (after which `trainer.threads` could no longer be set)."""
     set_threads, py_state, np_state = torch.set_num_threads, random.getstate(), np.random.get_state()
     try:
-        with torch.random.fork_rng(devices=[]):
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []  # this rank's GPU too
+        with torch.random.fork_rng(devices=cuda):
             yield
     finally:
         torch.set_num_threads = set_threads
