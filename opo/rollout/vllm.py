@@ -111,7 +111,6 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        self.platform = current_platform
         self.device = torch.device(current_platform.device_type)
         self.tokenizer = tokenizer
         self.eos_ids = list(eos_ids)
