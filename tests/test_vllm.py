@@ -91,6 +91,7 @@ def test_vllm_weight_push_is_followed_and_a_missing_push_is_seen(engine_checks):
     assert engine_checks["version_after_push"] == 1
     assert engine_checks["mismatch_after_push"] < FP32_TOLERANCE
     assert engine_checks["mismatch_without_push"] > 100 * FP32_TOLERANCE
+    assert "did not take the pushed weights of its ParallelLMHead" in engine_checks["push_without_lm_head"]
 
 
 @needs_vllm

@@ -14,7 +14,7 @@ import torch
 
 from opo.models import load_policy
 from opo.rollout import SamplingParams
-from opo.rollout.vllm import VLLMEngine
+from opo.rollout.vllm import VLLMEngine, VLLMUnavailable
 from opo.sequences import Dist, pack, score
 
 TEMPERATURE, TOP_P = 0.7, 0.9
@@ -77,6 +77,18 @@ def main(model_dir: str) -> dict:
     pushed = engine.generate(PROMPTS, params)
     out["version_after_push"] = pushed.policy_version
     out["mismatch_after_push"] = mismatch(model, tok, pushed)
+
+    # A push that leaves out the tied output layer's name (the bug that once left vLLM's output
+    # layer stale) must be refused, not silently accepted.
+    full = engine._named_tensors
+    engine._named_tensors = lambda m: ((n, t) for n, t in full(m) if n != "lm_head.weight")
+    try:
+        engine.sync_weights(model, 2)
+        out["push_without_lm_head"] = "accepted"
+    except VLLMUnavailable as exc:
+        out["push_without_lm_head"] = str(exc)
+    engine._named_tensors = full
+    engine.sync_weights(model, 1)
 
     perturb(model, 0.05, seed=2)  # the trainer moves on, the engine is not told
     stale = engine.generate(PROMPTS, params)
