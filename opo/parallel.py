@@ -323,7 +323,7 @@ def wrap(model: torch.nn.Module, world: World, kind: str = "ddp", mp_policy=None
     if FSDPModule is None or not hasattr(FSDPModule, "reset_iter_state"):
         raise ConfigError(f"trainer.parallel: 'fsdp' needs FSDP2 with fully_shard and reset_iter_state "
                           f"(torch 2.13 has them; this is torch {torch.__version__}); use trainer.parallel=ddp "
-                          f"or a newer torch") from None
+                          f"or a newer torch")
     mesh = init_device_mesh("cuda" if world.device.startswith("cuda") else "cpu", (world.size,))
     names = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]

@@ -148,6 +148,20 @@ def set_up(cfg: Config, resume: bool, log, world: parallel.World = parallel.SING
     cfg.run.dir = world.broadcast_json(cfg.run.dir or default_run_dir(cfg))
     run_dir = Path(cfg.run.dir)
     lock = world.on_main(lambda: ckpt.lock_run_dir(run_dir), ckpt.CheckpointError)  # one process per run folder
+    try:
+        run = _set_up_in(run_dir, cfg, resume, log, world)
+    except BaseException:
+        # A set-up that fails gives the folder back now, not when its traceback is collected
+        # (an interactive session keeps that alive, and a retry would find the folder "in use").
+        if lock is not None:
+            lock.close()
+        raise
+    run.lock = lock
+    return run
+
+
+def _set_up_in(run_dir: Path, cfg: Config, resume: bool, log, world: parallel.World) -> Run:
+    """The rest of `set_up`, once this process holds `run_dir`."""
     if not resume and ckpt.list_checkpoints(run_dir):
         if not parallel.restart_count():
             raise TrainingError(f"{run_dir} already holds checkpoints; continue it with "
@@ -219,7 +233,6 @@ def set_up(cfg: Config, resume: bool, log, world: parallel.World = parallel.SING
             (run_dir / "samples.jsonl").write_text("")
         run.probe = make_probe(run)
     run.state.world_size = world.size
-    run.lock = lock
     run.loggers = Loggers.from_config(cfg, run_dir, run.state.step if checkpoint else 0, world.is_main)
     return run
 

@@ -167,3 +167,21 @@ def test_a_second_train_on_a_live_run_folder_is_refused_naming_the_process(micro
                               f"trainer.steps={step + 1}"], capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert "resumed" in resumed.stdout
+
+
+def test_a_failed_set_up_gives_the_run_folder_back_at_once(micro_model_dir, tmp_path):
+    """The exception (and so its traceback and frames) is still alive here, as in a notebook;
+    a retry on the same run.dir must not find the folder held by this very process."""
+    from conftest import micro_overrides
+
+    from opo.config import load_config
+    from opo.models import ModelError
+    from opo.trainer import train
+
+    run = tmp_path / "run"
+    broken = load_config("tiny", micro_overrides(micro_model_dir, run, **{"model.path": tmp_path / "nowhere"}))
+    with pytest.raises(ModelError) as failed:
+        train(broken, log=lambda *a: None)
+    fixed = load_config("tiny", micro_overrides(micro_model_dir, run, **{"trainer.steps": 1}))
+    assert train(fixed, log=lambda *a: None)["steps"] == 1
+    assert failed.value is not None  # kept alive until here on purpose
