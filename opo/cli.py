@@ -155,7 +155,7 @@ def cmd_compare(args) -> int:
                 raise CompareError(f"--seeds must be >= 1, got {args.seeds}")
             out = Path(args.out)
             jobs = plan_grid(out, list(range(args.seed0, args.seed0 + args.seeds)),
-                             select_variants(args.variants))
+                             select_variants(args.variants, args.grid))
             results = run_grid(jobs, source or "tiny", overrides, args.jobs)
             failed = [job for job, rc in results if rc != 0]
             run_dirs = [j.run_dir for j in jobs if (j.run_dir / "summary.json").is_file()]
@@ -305,8 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=5, help="seeds per variant (trainer.seed)")
     p.add_argument("--seed0", type=int, default=0, help="first seed")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time; each gets cores/jobs threads")
-    p.add_argument("--variants", default="", help="comma-separated subset of the default grid: "
-                   "opo, grpo, grpo_offpolicy, dr_grpo, rloo, opo_exact, opo_proxy")
+    p.add_argument("--grid", default="estimators", choices=["estimators", "precision"],
+                   help="estimators: opo, grpo, grpo_offpolicy, dr_grpo, rloo, opo_exact, opo_proxy; "
+                   "precision: opo in fp32 (the reference), opo_bf16, opo_bf16_token-tis, opo_fp16")
+    p.add_argument("--variants", default="", help="comma-separated subset of the chosen grid")
     p.add_argument("--reference", default="opo", help="variant the others are paired against")
     p.add_argument("--out", metavar="DIR", help="write DIR/report.html, DIR/table.json and the PNGs "
                                                 "(and, for a grid, the runs in DIR/runs)")

@@ -59,14 +59,34 @@ DEFAULT_GRID = (
 REFERENCE = "opo"
 
 
+# Precision x rollout correction (the low-precision question): the same estimator in fp32,
+# in bf16 without and with truncated importance sampling, and in fp16. Names follow
+# variant_name, so a run folder is named the same whichever grid produced it.
+PRECISION_GRID = (
+    Variant("opo", ("model.dtype=float32", "algo.rollout_correction=none")),
+    Variant("opo_bf16", ("model.dtype=bfloat16", "algo.rollout_correction=none")),
+    Variant("opo_bf16_token-tis", ("model.dtype=bfloat16", "algo.rollout_correction=token-tis")),
+    Variant("opo_fp16", ("model.dtype=float16", "algo.rollout_correction=none")),
+)
+GRIDS = {"estimators": DEFAULT_GRID, "precision": PRECISION_GRID}
+
+_DTYPE_SUFFIX = {"float32": "", "bfloat16": "_bf16", "float16": "_fp16"}
+
+
 def variant_name(config: dict) -> str:
     """The grid name of a run from its resolved config: the estimator, with
-    ``_offpolicy`` (plus ``_uN`` when N is not 4) for more than one update per batch."""
+    ``_offpolicy`` (plus ``_uN`` when N is not 4) for more than one update per batch,
+    ``_bf16``/``_fp16`` for a low-precision model.dtype and ``_<mode>`` for a rollout
+    correction other than none."""
     algo = config.get("algo", {}) or {}
     name = str(algo.get("estimator", "?"))
     updates = int(algo.get("updates_per_batch", 1) or 1)
     if updates > 1:
         name += "_offpolicy" + ("" if updates == 4 else f"_u{updates}")
+    name += _DTYPE_SUFFIX.get(str((config.get("model") or {}).get("dtype", "float32")), "")
+    correction = str(algo.get("rollout_correction", "none") or "none")
+    if correction != "none":
+        name += "_" + correction
     return name
 
 
@@ -169,6 +189,11 @@ def _tail_mean(rows: list[dict], key: str, share: float = 0.1) -> float:
     return float(np.mean(values[-n:]))
 
 
+def _mean(rows: list[dict], key: str) -> float:
+    values = [float(r[key]) for r in rows if r.get("step", 0) > 0 and _finite(r.get(key))]
+    return float(np.mean(values)) if values else float("nan")
+
+
 def _last(rows: list[dict], key: str) -> float:
     values = [float(r[key]) for r in rows if r.get("step", 0) > 0 and _finite(r.get(key))]
     return values[-1] if values else float("nan")
@@ -185,6 +210,8 @@ def run_figures(run: Run) -> dict:
         "auc_accuracy": curve_auc(run.accuracy_curve),
         "entropy": _tail_mean(run.rows, "entropy"),
         "kl_to_init": _last(run.rows, "kl_to_init"),
+        # Sampler-vs-trainer KL (k3, per token) over the whole run: 0 in exact fp32.
+        "mismatch_kl": _mean(run.rows, "mismatch_kl"),
         "repetition_rate": _tail_mean(run.rows, "repetition_rate"),
         "response_length": _tail_mean(run.rows, "response_length_mean"),
         "wall_seconds": float(run.summary.get("wall_seconds", float("nan"))),
@@ -224,8 +251,8 @@ def paired_difference(a: dict[int, float], b: dict[int, float], rounds: int = 50
     return out
 
 
-TABLE_FIELDS = ("final_accuracy", "auc_accuracy", "entropy", "kl_to_init", "repetition_rate",
-                "response_length", "wall_seconds")
+TABLE_FIELDS = ("final_accuracy", "auc_accuracy", "entropy", "kl_to_init", "mismatch_kl",
+                "repetition_rate", "response_length", "wall_seconds")
 
 
 def build_table(runs: list[Run], reference: str = REFERENCE) -> dict:
@@ -234,8 +261,9 @@ def build_table(runs: list[Run], reference: str = REFERENCE) -> dict:
     for run in runs:
         by_variant.setdefault(run.variant, []).append(run)
     figures = {id(r): run_figures(r) for r in runs}
-    order = [v.name for v in DEFAULT_GRID if v.name in by_variant] + \
-        sorted(v for v in by_variant if v not in {g.name for g in DEFAULT_GRID})
+    known = list(dict.fromkeys(v.name for grid in GRIDS.values() for v in grid))
+    order = [name for name in known if name in by_variant] + \
+        sorted(v for v in by_variant if v not in known)
     ref_final = {r.seed: figures[id(r)]["final_accuracy"] for r in by_variant.get(reference, [])}
     ref_auc = {r.seed: figures[id(r)]["auc_accuracy"] for r in by_variant.get(reference, [])}
     variants = []
@@ -274,6 +302,13 @@ def _pm(cell: dict, digits: int = 3) -> str:
     return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if _finite(s) else "")
 
 
+def _sci(cell: dict) -> str:
+    m, s = cell["mean"], cell["std"]
+    if not _finite(m):
+        return "-"
+    return f"{m:.2e}" + (f" ± {s:.1e}" if _finite(s) else "")
+
+
 def _diff(cell: dict | None) -> str:
     if not cell or not _finite(cell["mean"]):
         return "-"
@@ -287,7 +322,7 @@ def _diff(cell: dict | None) -> str:
 COLUMNS = [("variant", "variant"), ("n", "seeds"), ("final_accuracy", "final acc"),
            ("final_accuracy_vs_reference", "Δ final acc vs ref: mean ± SE [95% CI]"),
            ("auc_accuracy", "acc AUC"), ("entropy", "entropy"), ("kl_to_init", "KL to init"),
-           ("repetition_rate", "repetition"), ("response_length", "length"),
+           ("mismatch_kl", "mismatch KL"), ("repetition_rate", "repetition"), ("response_length", "length"),
            ("wall_seconds", "wall s")]
 
 
@@ -304,6 +339,9 @@ def table_rows(table: dict) -> list[list[str]]:
             elif key.endswith("_vs_reference"):
                 cells.append(_diff(row.get(key)))
             else:
+                if key == "mismatch_kl":
+                    cells.append(_sci(row[key]))
+                    continue
                 digits = {"response_length": 1, "wall_seconds": 0, "repetition_rate": 4}.get(key, 3)
                 cells.append(_pm(row[key], digits))
         out.append(cells)
@@ -519,7 +557,8 @@ TABLE_NOTES = [
     "error, with a 95% bootstrap interval over seeds.",
     "acc AUC: area under the held-out accuracy curve from step 0, divided by the steps "
     "(the mean accuracy over training). entropy, repetition and length: mean over the last "
-    "tenth of the steps; KL to init: the last step's estimate.",
+    "tenth of the steps; KL to init: the last step's estimate. mismatch KL: the "
+    "sampler-vs-trainer KL per token (k3), averaged over all steps (0 when exactly on-policy).",
 ]
 
 
@@ -612,14 +651,17 @@ def run_grid(jobs: list[Job], preset: str, overrides: list[str], parallel: int, 
     return done
 
 
-def select_variants(names: str) -> tuple[Variant, ...]:
-    """Variants by comma-separated name from the default grid ("" = all)."""
+def select_variants(names: str, grid: str = "estimators") -> tuple[Variant, ...]:
+    """Variants by comma-separated name from the named grid ("" = all of it)."""
+    if grid not in GRIDS:
+        raise CompareError(f"--grid: unknown grid {grid!r}; known: {', '.join(GRIDS)}")
     if not names:
-        return DEFAULT_GRID
-    known = {v.name: v for v in DEFAULT_GRID}
+        return GRIDS[grid]
+    known = {v.name: v for v in GRIDS[grid]}
     chosen = []
     for name in (n.strip() for n in names.split(",") if n.strip()):
         if name not in known:
-            raise CompareError(f"--variants: unknown variant {name!r}; known: {', '.join(known)}")
+            raise CompareError(f"--variants: unknown variant {name!r} in the {grid} grid; "
+                               f"known: {', '.join(known)}")
         chosen.append(known[name])
     return tuple(chosen)

@@ -162,6 +162,26 @@ def test_grid_plan_and_commands(tmp_path):
     assert {"opo", "grpo", "grpo_offpolicy", "dr_grpo", "rloo", "opo_exact", "opo_proxy"} == names
 
 
+def test_precision_grid_names_match_the_runs_they_produce():
+    # A run is grouped by the name variant_name derives from its resolved config, so each
+    # precision variant's overrides must produce exactly its own name (else the table would
+    # split or merge variants).
+    from opo.config import load_config, to_dict
+
+    for variant in compare.PRECISION_GRID:
+        cfg = to_dict(load_config("tiny", list(variant.overrides)))
+        assert compare.variant_name(cfg) == variant.name
+    assert compare.variant_name({"algo": {"estimator": "grpo", "updates_per_batch": 2,
+                                          "rollout_correction": "sequence-mask"},
+                                 "model": {"dtype": "float16"}}) == "grpo_offpolicy_u2_fp16_sequence-mask"
+    chosen = compare.select_variants("opo,opo_bf16_token-tis", "precision")
+    assert [v.name for v in chosen] == ["opo", "opo_bf16_token-tis"]
+    with pytest.raises(compare.CompareError, match="unknown variant 'grpo' in the precision grid"):
+        compare.select_variants("grpo", "precision")
+    with pytest.raises(compare.CompareError, match="unknown grid 'speed'"):
+        compare.select_variants("", "speed")
+
+
 def test_grid_runs_real_trainings_and_resumes(micro_model_dir, tmp_path, capsys):
     from conftest import micro_overrides
 
