@@ -319,7 +319,7 @@ def make_problems(workload: Workload, n: int, seed: int) -> list[dict]:
         return [{"question": str(ds[i]["question"]) + SMOL_INSTRUCTION, "answer": str(ds[i]["answer"])}
                 for i in range(n)]
     if workload.data == "toy_addition":
-        from opo.toy import make_addition_examples
+        from opo.tasks.addition import make_addition_examples
 
         return [{"question": ex["question"], "answer": ex["answer"]}
                 for ex in make_addition_examples(n, seed, min_digits=2, max_digits=4)]

@@ -221,7 +221,7 @@ def cmd_variance(args) -> int:
 
 
 def cmd_toy_base(args) -> int:
-    from opo.toy import ASSET_DIR, build_toy_base
+    from opo.tasks.addition import ASSET_DIR, build_toy_base
 
     out = build_toy_base(args.out or ASSET_DIR)
     print(f"wrote the tiny model to {out}")

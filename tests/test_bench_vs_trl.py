@@ -164,7 +164,7 @@ def test_planned_prompt_order_is_what_opo_draws(bench, tmp_path):
 
 
 def test_prompt_ids_agree_for_plain_prompts(bench):
-    from opo.toy import build_tokenizer
+    from opo.tasks.addition import build_tokenizer
 
     tok = build_tokenizer()
     questions = ["12+34=", "905+118="]

@@ -162,7 +162,7 @@ def test_resume_with_fewer_steps_is_a_clear_error(micro_model_dir, tmp_path, cap
 
 
 def test_a_checkpoint_of_another_model_is_reported_as_a_mismatch(micro_model_dir, tmp_path):
-    from opo import toy
+    from opo.tasks import addition as toy
 
     run = tmp_path / "run"
     assert main(["train", *micro_overrides(micro_model_dir, run, **{"trainer.steps": 1})]) == 0

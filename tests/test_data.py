@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 
 import pytest
 
@@ -306,7 +305,6 @@ def test_champ_split():
 # --------------------------------------------------------------------------- toy addition
 
 def test_toy_addition_real_module():
-    pytest.importorskip("opo.toy")
     cfg = DataConfig(source="toy_addition", train_size=200, eval_size=30, seed=5)
     train, held = load_examples(cfg)
     assert len(held) == 30 and train
@@ -321,9 +319,9 @@ def test_toy_addition_branch_drops_overlap(monkeypatch):
     def fake(n, seed, **kw):
         return [{"question": f"{i}+{kw['k']}", "answer": str(i + kw["k"]), "meta": {"seed": seed}}
                 for i in range(n)]
-    module = types.ModuleType("opo.toy")
-    module.make_addition_examples = fake
-    monkeypatch.setitem(sys.modules, "opo.toy", module)
+    from opo.tasks import addition
+
+    monkeypatch.setattr(addition, "make_addition_examples", fake)
     cfg = DataConfig(source="toy_addition", train_size=10, eval_size=4, seed=5,
                      task_config={"k": 1})
     train, held = load_examples(cfg)

@@ -1,6 +1,6 @@
 import pytest
 
-from opo import scratchpad
+from opo.tasks import scratchpad
 from opo.config import DataConfig, load_config
 from opo.data import load_examples
 from opo.rewards import exact_match
@@ -76,7 +76,9 @@ def test_builtin_model_name_resolves():
 
 
 def test_describe_model_reports_formats_and_spread(micro_model_dir):
-    result = scratchpad.describe_model(micro_model_dir, problems=4, groups=2, group_size=3,
+    from opo.variance import describe_scratchpad_model
+
+    result = describe_scratchpad_model(micro_model_dir, problems=4, groups=2, group_size=3,
                                        max_new_tokens=6)
     for part in ("greedy", "sampled"):
         assert 0 <= result[part]["accuracy"] <= 1 and 0 <= result[part]["direct_share"] <= 1

@@ -1,7 +1,7 @@
 import torch
 from safetensors.torch import load_file
 
-from opo import toy
+from opo.tasks import addition as toy
 from opo.rewards import exact_match
 
 

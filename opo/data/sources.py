@@ -18,6 +18,7 @@ from opo.config import DataConfig
 from opo.data.base import (DataError, Example, Split, _drop_overlap, _need_procedural_sizes, _split,
                            _to_jsonable, _unknown_name_message, derive_seed, held_out_size)
 from opo.data.files import FILE_FORMATS, load_path
+from opo.tasks import addition, scratchpad
 
 Loader = Callable[[DataConfig], "Split | tuple[list[Example], list[Example]]"]
 SOURCES: dict[str, Loader] = {}
@@ -114,20 +115,18 @@ def _procedural_split(cfg: DataConfig, make: Callable, name: str) -> tuple[list[
     return _drop_overlap(train, held_out), held_out
 
 
-@source("toy_addition", SourceDefaults(reward="exact_match", plain_max_new_tokens=32))
+@source("toy_addition", SourceDefaults(reward=addition.REWARD, plain_max_new_tokens=addition.PLAIN_MAX_NEW_TOKENS))
 def _load_toy_addition(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
-    from opo.toy import make_addition_examples
+    # Looked up at call time, so a test can stand a generator in for the module's.
+    return _procedural_split(cfg, addition.make_addition_examples, "toy_addition")
 
-    return _procedural_split(cfg, make_addition_examples, "toy_addition")
 
-
-@source("toy_scratchpad", SourceDefaults(reward="exact_match", plain_max_new_tokens=48))
+@source("toy_scratchpad", SourceDefaults(reward=scratchpad.REWARD,
+                                         plain_max_new_tokens=scratchpad.PLAIN_MAX_NEW_TOKENS))
 def _load_toy_scratchpad(cfg: DataConfig) -> tuple[list[Example], list[Example]]:
-    """Toy addition where working is optional (opo.scratchpad): the same problems and split
-    as toy_addition for the same settings."""
-    from opo.scratchpad import make_scratchpad_examples
-
-    return _procedural_split(cfg, make_scratchpad_examples, "toy_scratchpad")
+    """Toy addition where working is optional (opo.tasks.scratchpad): the same problems and
+    split as toy_addition for the same settings."""
+    return _procedural_split(cfg, scratchpad.make_scratchpad_examples, "toy_scratchpad")
 
 
 def _import_reasoning_gym():

@@ -25,7 +25,10 @@ from pathlib import Path
 
 import torch
 
-ASSET_DIR = Path(__file__).parent / "assets" / "tiny"
+ASSET_DIR = Path(__file__).parent.parent / "assets" / "tiny"
+MODEL_NAME = "tiny"          # the model.path that resolves to ASSET_DIR
+REWARD = "exact_match"       # the answer after ">" compared as text
+PLAIN_MAX_NEW_TOKENS = 32    # enough for 4-digit working
 CHARS = "0123456789+=,>"
 SPECIAL = ["<pad>", "<eos>", "<unk>"]
 
