@@ -37,6 +37,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from opo.schema import Config, require
+
 # fn(rewards[B] f64, lengths[B] f64, group_index[B] long, num_groups, **options) -> [B] f64
 # An estimator registered with needs=... also receives weights=[B] f64 (all finite, >= 0).
 Estimator = Callable[..., Tensor]
@@ -46,6 +48,12 @@ ESTIMATORS: dict[str, Estimator] = {}
 # per-response weights wᵢ ≈ ‖∇_θ logπ(yᵢ|x)‖², computed exactly (one backward pass per
 # response; small models) or from the logits alone (one forward pass; any size).
 WEIGHT_KINDS = ("grad_sq_norm_exact", "grad_sq_norm_proxy")
+
+
+def check_config(cfg: Config) -> None:
+    """algo.estimator names a registered estimator (opo.config runs this with the others)."""
+    require(cfg.algo.estimator in ESTIMATORS, "algo.estimator",
+            "use one of " + ", ".join(sorted(ESTIMATORS)), cfg.algo.estimator)
 
 
 def register(name: str, needs: str | None = None) -> Callable[[Estimator], Estimator]:

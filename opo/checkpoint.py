@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from opo import lora
+
 STEP_DIR = re.compile(r"^step_(\d+)$")
 FILES = ("model.safetensors", "optimizer.pt", "tensors.safetensors", "trainer_state.json")
 
@@ -275,8 +277,6 @@ def write_model_files(folder: Path, model, tokenizer=None) -> None:
     a checkpoint folder loads with `from_pretrained` and `opo eval --model` like `final/`.
     A LoRA model gets adapter/ instead of config.json: its model.safetensors holds only the
     adapters, so it must not look like a complete model."""
-    from opo import lora
-
     config = getattr(model, "config", None)
     if lora.is_lora(model):
         lora.save_adapter(model, folder / "adapter")

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-from opo.config import Config, PromptConfig
-from opo.data import encode_prompts, source_defaults, uses_chat_template
+from opo.config import Config, ConfigError, PromptConfig, apply_overrides, load_config
+from opo.data import SOURCES, encode_prompts, load_split, source_defaults, uses_chat_template
 from opo.metrics import maj_at_k, pass_at_k
-from opo.rewards import normalise_answer
-from opo.rollout import SamplingParams
+from opo.models import load_policy
+from opo.rewards import RewardScorer, normalise_answer
+from opo.rollout import SamplingParams, engine_from_config
 
 
 def eval_max_new_tokens(cfg: Config, tokenizer, training: bool = False) -> int:
@@ -109,9 +110,6 @@ def eval_settings(*, model: str | None = None, preset: str | None = None, task: 
     """
     import difflib
 
-    from opo.config import ConfigError, apply_overrides, load_config
-    from opo.data import SOURCES
-
     cfg = load_config(preset) if preset else Config()
     preset_task = (cfg.data.source, cfg.data.task) if preset else None
     if task and data:
@@ -172,11 +170,6 @@ def run_evaluation(cfg: Config, *, limit: int = 0, seed: int = 0,
 
     import numpy as np
     import torch
-
-    from opo.data import load_split
-    from opo.models import load_policy
-    from opo.rewards import RewardScorer
-    from opo.rollout import engine_from_config
 
     split = load_split(cfg.data)
     held_out = split.held_out[:limit] if limit else split.held_out

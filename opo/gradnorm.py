@@ -35,6 +35,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from opo.sequences import Dist, response_logits
+
 
 # --------------------------------------------------------------------------- pure maths
 
@@ -78,8 +80,6 @@ def per_response_grads(model, packed, params: Sequence[Tensor] | None = None,
     The gradient is taken over ``params`` (default: every trainable parameter) with
     ``torch.autograd.grad``, so the parameters' ``.grad`` are left untouched.
     """
-    from opo.sequences import Dist, response_logits
-
     params = _trainable(model, params)
     dist = dist or Dist()
     for i in (range(packed.num_rows) if rows is None else rows):
@@ -119,8 +119,6 @@ def model_proxy_grad_sq_norm(model, packed, dist=None, micro_batch_size: int = 0
     """The logit-gradient proxy for every response, from forward passes only:
     [B] float64 on packed's device. ``micro_batch_size`` rows at a time (0 = all), which
     bounds the [rows, T, V] logits held at once."""
-    from opo.sequences import Dist, response_logits
-
     n = packed.num_rows
     out = torch.zeros(n, dtype=torch.float64)
     for idx in packed.micro_batches(max_rows=micro_batch_size):

@@ -16,7 +16,7 @@ import importlib.util
 import secrets
 from pathlib import Path
 
-from opo.config import Config, ConfigError, to_dict
+from opo.schema import Config, ConfigError, require, to_dict
 
 INSTALL = {"tensorboard": "pip install 'opo[tensorboard]'", "wandb": "pip install 'opo[wandb]'"}
 LOGGERS = tuple(INSTALL)
@@ -39,6 +39,15 @@ def _not_installed(name: str, detail: str = "") -> ConfigError:
     return ConfigError(f"trainer.loggers: {name!r} needs the {name} package, which is not installed"
                        f"{detail}; install it with `{INSTALL[name]}`, or remove {name!r} from "
                        f"trainer.loggers")
+
+
+def check_config(cfg: Config) -> None:
+    """trainer.loggers names known loggers whose packages are installed (checked with the
+    config, before any model is loaded or run folder written; opo.config runs this)."""
+    for name in cfg.trainer.loggers:
+        require(name in LOGGERS, "trainer.loggers", "use a list of " + " and/or ".join(LOGGERS),
+                cfg.trainer.loggers)
+    check_installed(cfg.trainer.loggers)
 
 
 def check_installed(names: list) -> None:

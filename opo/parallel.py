@@ -32,7 +32,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from opo.config import ConfigError
+from opo.schema import ConfigError
 from opo.sequences import Dist, Packed, ScoreModule, is_sharded
 
 PARALLEL_KINDS = ("ddp", "fsdp")

@@ -22,13 +22,13 @@ import torch
 
 from opo import parallel
 from opo.advantages import compute_advantages, estimator_needs
-from opo.config import Config
 from opo.console import StopFlag, print_profile, progress_bar, report_progress
 from opo.data import encode_prompts
 from opo.gradnorm import response_weights
 from opo.metrics import repetition_counts
 from opo.run import (Run, TrainingError, default_run_dir, load_run_config, save_final, set_up, write_row,
                      write_samples)
+from opo.schema import Config
 from opo.sequences import pack
 from opo.update import OffPolicyError, PhaseTimer, policy_update, sampling_dist
 

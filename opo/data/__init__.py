@@ -15,10 +15,10 @@ from opo.data.base import AUTO_EVAL_FRACTION, DEFAULT_EVAL_SIZE, DataError, Exam
 from opo.data.files import FILE_FORMATS
 from opo.data.prompts import encode_prompts, format_prompt, uses_chat_template
 from opo.data.sampler import PromptSampler
-from opo.data.sources import (SOURCE_DEFAULTS, SOURCES, SourceDefaults, check_task, load_examples, load_split, source,
+from opo.data.sources import (SOURCE_DEFAULTS, SOURCES, SourceDefaults, check_config, check_task, load_examples, load_split, source,
                               source_defaults, unknown_source_message)
 
 __all__ = ["DataError", "Example", "Split", "SOURCES", "SOURCE_DEFAULTS", "SourceDefaults", "FILE_FORMATS",
            "DEFAULT_EVAL_SIZE", "AUTO_EVAL_FRACTION", "source", "source_defaults", "load_examples", "load_split",
-           "held_out_size", "unknown_source_message", "check_task", "derive_seed", "format_prompt", "encode_prompts",
+           "held_out_size", "unknown_source_message", "check_config", "check_task", "derive_seed", "format_prompt", "encode_prompts",
            "uses_chat_template", "PromptSampler"]

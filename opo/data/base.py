@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from opo.config import DataConfig
+from opo.schema import DataConfig
 
 
 class DataError(ValueError):

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from opo.config import DataConfig
+from opo.schema import DataConfig
 from opo.data.base import (DEFAULT_EVAL_SIZE, DataError, Example, Split, _cap, _drop_overlap, _permutation,
                            _split, _to_jsonable, derive_seed)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from opo.config import PromptConfig
+from opo.schema import PromptConfig
 from opo.data.base import DataError
 
 # --------------------------------------------------------------------------- prompts

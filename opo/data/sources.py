@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from opo.config import DataConfig
+from opo.schema import Config, ConfigError, DataConfig
 from opo.data.base import (DataError, Example, Split, _drop_overlap, _need_procedural_sizes, _split,
                            _to_jsonable, _unknown_name_message, derive_seed, held_out_size)
 from opo.data.files import FILE_FORMATS, load_path
@@ -138,6 +138,18 @@ def _import_reasoning_gym():
         raise DataError("data.source=reasoning_gym needs the reasoning-gym package: "
                         "pip install reasoning-gym") from None
     return reasoning_gym, DATASETS
+
+
+def check_config(cfg: Config) -> None:
+    """data.source is a built-in source or an existing path, and data.task a valid task
+    (opo.config runs this when a config is built, before any model loads)."""
+    data = cfg.data
+    if data.source not in SOURCES and not Path(data.source).expanduser().exists():
+        raise ConfigError(unknown_source_message(data.source))
+    try:
+        check_task(data)  # a reasoning-gym task name (imports reasoning_gym, a few seconds)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def check_task(cfg: DataConfig) -> None:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from opo.models import eos_ids
 from opo.rollout.base import RolloutBatch, RolloutEngine, SamplingParams, pad_left
+from opo.rollout.fast import FastEngine
+from opo.rollout.hf import HFEngine
 
 ENGINES = ("fast", "hf", "vllm")
 
@@ -18,14 +21,10 @@ def make_engine(kind: str, model, tokenizer, eos_ids: list[int], batch_size: int
                 vllm_options: dict | None = None) -> RolloutEngine:
     """The rollout engine named `kind`, sampling from `model`; `vllm_options` go to VLLMEngine.
 
-    vLLM is imported only when it is asked for, so opo works without it."""
+    vLLM (an optional extra) is imported only when it is asked for, so opo works without it."""
     if kind == "fast":
-        from opo.rollout.fast import FastEngine
-
         return FastEngine(model, tokenizer, eos_ids, batch_size)
     if kind == "hf":
-        from opo.rollout.hf import HFEngine
-
         return HFEngine(model, tokenizer, eos_ids, batch_size)
     if kind == "vllm":
         from opo.rollout.vllm import VLLMEngine
@@ -37,8 +36,6 @@ def make_engine(kind: str, model, tokenizer, eos_ids: list[int], batch_size: int
 def engine_from_config(cfg, model, tokenizer, log=print) -> RolloutEngine:
     """The engine `cfg.rollout` asks for, sampling from `model` in `cfg.model.dtype`
     (vLLM's own dtype and seed come from the same config as the trainer's)."""
-    from opo.models import eos_ids
-
     options = {**dataclasses.asdict(cfg.rollout.vllm), "dtype": cfg.model.dtype, "seed": cfg.trainer.seed,
                "log": log}
     return make_engine(cfg.rollout.engine, model, tokenizer, eos_ids(model, tokenizer), cfg.rollout.batch_size,

@@ -46,6 +46,7 @@ import random
 import numpy as np
 import torch
 
+from opo import lora
 from opo.models import ModelError
 from opo.rollout.base import RolloutBatch, SamplingParams
 
@@ -212,8 +213,6 @@ class VLLMEngine:
         Parameters only (buffers such as rotary tables are vLLM's own). A tied parameter
         comes under each of its names: vLLM's reload marks its output layer as not loaded
         when a tied `lm_head.weight` is left out, and then samples from stale logits."""
-        from opo import lora
-
         if lora.is_lora(model):
             yield from ((n, t.to(self.device, self.dtype)) for n, t in lora.merged_state_dict(model).items())
             return
