@@ -305,9 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=5, help="seeds per variant (trainer.seed)")
     p.add_argument("--seed0", type=int, default=0, help="first seed")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time; each gets cores/jobs threads")
-    p.add_argument("--grid", default="estimators", choices=["estimators", "precision"],
+    p.add_argument("--grid", default="estimators", choices=["estimators", "precision", "distill"],
                    help="estimators: opo, grpo, grpo_offpolicy, dr_grpo, rloo, opo_exact, opo_proxy; "
-                   "precision: opo in fp32 (the reference), opo_bf16, opo_bf16_token-tis, opo_fp16")
+                   "precision: opo in fp32 (the reference), opo_bf16, opo_bf16_token-tis, opo_fp16; "
+                   "distill (give algo.teacher=PATH): opo (RL alone), opo_distill, distill (teacher alone)")
     p.add_argument("--variants", default="", help="comma-separated subset of the chosen grid")
     p.add_argument("--reference", default="opo", help="variant the others are paired against")
     p.add_argument("--out", metavar="DIR", help="write DIR/report.html, DIR/table.json and the PNGs "

@@ -68,7 +68,14 @@ PRECISION_GRID = (
     Variant("opo_bf16_token-tis", ("model.dtype=bfloat16", "algo.rollout_correction=token-tis")),
     Variant("opo_fp16", ("model.dtype=float16", "algo.rollout_correction=none")),
 )
-GRIDS = {"estimators": DEFAULT_GRID, "precision": PRECISION_GRID}
+# On-policy distillation (give algo.teacher=PATH to the grid): RL alone (the reference),
+# RL with the teacher's per-token signal, and the teacher's signal alone.
+DISTILL_GRID = (
+    Variant("opo", ("algo.distill_coef=0", "algo.reward_coef=1")),
+    Variant("opo_distill", ("algo.distill_coef=1", "algo.reward_coef=1")),
+    Variant("distill", ("algo.distill_coef=1", "algo.reward_coef=0")),
+)
+GRIDS = {"estimators": DEFAULT_GRID, "precision": PRECISION_GRID, "distill": DISTILL_GRID}
 
 _DTYPE_SUFFIX = {"float32": "", "bfloat16": "_bf16", "float16": "_fp16"}
 
@@ -77,8 +84,11 @@ def variant_name(config: dict) -> str:
     """The grid name of a run from its resolved config: the estimator, with
     ``_offpolicy`` (plus ``_uN`` when N is not 4) for more than one update per batch,
     ``_bf16``/``_fp16`` for a low-precision model.dtype and ``_<mode>`` for a rollout
-    correction other than none."""
+    correction other than none; ``_distill`` with a teacher, or ``distill`` alone when the
+    reward's advantage is off (algo.reward_coef = 0)."""
     algo = config.get("algo", {}) or {}
+    if algo.get("teacher") and float(algo.get("distill_coef", 1.0)) > 0 and float(algo.get("reward_coef", 1.0)) == 0:
+        return "distill" + _DTYPE_SUFFIX.get(str((config.get("model") or {}).get("dtype", "float32")), "")
     name = str(algo.get("estimator", "?"))
     updates = int(algo.get("updates_per_batch", 1) or 1)
     if updates > 1:
@@ -87,6 +97,8 @@ def variant_name(config: dict) -> str:
     correction = str(algo.get("rollout_correction", "none") or "none")
     if correction != "none":
         name += "_" + correction
+    if algo.get("teacher") and float(algo.get("distill_coef", 1.0)) > 0:
+        name += "_distill"
     return name
 
 
@@ -212,6 +224,8 @@ def run_figures(run: Run) -> dict:
         "kl_to_init": _last(run.rows, "kl_to_init"),
         # Sampler-vs-trainer KL (k3, per token) over the whole run: 0 in exact fp32.
         "mismatch_kl": _mean(run.rows, "mismatch_kl"),
+        # KL(student ‖ teacher) per token over the last tenth, in runs with algo.teacher.
+        "teacher_kl": _tail_mean(run.rows, "teacher_kl"),
         "repetition_rate": _tail_mean(run.rows, "repetition_rate"),
         "response_length": _tail_mean(run.rows, "response_length_mean"),
         "wall_seconds": float(run.summary.get("wall_seconds", float("nan"))),
@@ -251,7 +265,7 @@ def paired_difference(a: dict[int, float], b: dict[int, float], rounds: int = 50
     return out
 
 
-TABLE_FIELDS = ("final_accuracy", "auc_accuracy", "entropy", "kl_to_init", "mismatch_kl",
+TABLE_FIELDS = ("final_accuracy", "auc_accuracy", "entropy", "kl_to_init", "mismatch_kl", "teacher_kl",
                 "repetition_rate", "response_length", "wall_seconds")
 
 
@@ -322,7 +336,7 @@ def _diff(cell: dict | None) -> str:
 COLUMNS = [("variant", "variant"), ("n", "seeds"), ("final_accuracy", "final acc"),
            ("final_accuracy_vs_reference", "Δ final acc vs ref: mean ± SE [95% CI]"),
            ("auc_accuracy", "acc AUC"), ("entropy", "entropy"), ("kl_to_init", "KL to init"),
-           ("mismatch_kl", "mismatch KL"), ("repetition_rate", "repetition"), ("response_length", "length"),
+           ("mismatch_kl", "mismatch KL"), ("teacher_kl", "KL to teacher"), ("repetition_rate", "repetition"), ("response_length", "length"),
            ("wall_seconds", "wall s")]
 
 
@@ -558,7 +572,9 @@ TABLE_NOTES = [
     "acc AUC: area under the held-out accuracy curve from step 0, divided by the steps "
     "(the mean accuracy over training). entropy, repetition and length: mean over the last "
     "tenth of the steps; KL to init: the last step's estimate. mismatch KL: the "
-    "sampler-vs-trainer KL per token (k3), averaged over all steps (0 when exactly on-policy).",
+    "sampler-vs-trainer KL per token (k3), averaged over all steps (0 when exactly on-policy). "
+    "KL to teacher: KL(student || teacher) per token over the last tenth of the steps (runs "
+    "with algo.teacher, including RL-alone runs where it only monitors).",
 ]
 
 

@@ -142,7 +142,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask:
     """Surrogate loss to minimise for one micro-batch, and its statistics.
 
     logp [B,T] (with grad), old_logp [B,T] or None (exact on-policy), advantages [B]
-    (broadcast over each response's tokens), mask [B,T]. Per token the loss is
+    (broadcast over each response's tokens) or [B,T] (one per token, as on-policy
+    distillation gives, opo.distill), mask [B,T]. Per token the loss is
     −A·ratio, or with old_logp and clip_eps the PPO form
     max(−A·ratio, −A·clamp(ratio, 1−ε, 1+ε)). Optional terms, each reduced with the
     same ``agg``: −entropy_coef·H (entropy [B,T]) and +kl_coef·k3(ref_logp ‖ logp) with
@@ -156,15 +157,16 @@ def policy_loss(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask:
                     ("ref_logp", ref_logp), ("is_weights", is_weights)):
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, logp has {tuple(logp.shape)}")
-    if logp.dim() != 2 or advantages.shape != logp.shape[:1]:
-        raise ValueError(f"need logp [B,T] and advantages [B], got {tuple(logp.shape)} "
+    if logp.dim() != 2 or advantages.shape not in (logp.shape[:1], logp.shape):
+        raise ValueError(f"need logp [B,T] and advantages [B] or [B,T], got {tuple(logp.shape)} "
                          f"and {tuple(advantages.shape)}")
 
     def reduce(values: Tensor) -> Tensor:
         return aggregate(values, mask, agg, total_tokens, total_seqs)
 
     keep = mask.bool()
-    adv = advantages.detach().to(logp.dtype).unsqueeze(-1)
+    adv = advantages.detach().to(logp.dtype)
+    adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv
     ratio = importance_ratio(logp, old_logp)
     pg = -adv * ratio
     clipped = torch.zeros_like(keep)

@@ -23,10 +23,11 @@ from opo.advantages import estimator_needs
 from opo.checkpoint import RunState
 from opo.config import Config, apply_overrides, dump_yaml, from_dict, read_yaml
 from opo.data import PromptSampler, derive_seed, encode_prompts, load_split
+from opo.distill import same_tokenizer
 from opo.evaluation import evaluate
 from opo.loggers import Loggers
 from opo.metrics import KLProbe
-from opo.models import load_policy, pick_device
+from opo.models import ModelError, load_policy, pick_device
 from opo.precision import Precision
 from opo.rewards import RewardScorer
 from opo.rollout import SamplingParams, engine_from_config
@@ -63,6 +64,7 @@ class Run:
     precision: Precision = field(default_factory=Precision)  # every policy forward runs under it
     loggers: Loggers = field(default_factory=Loggers)  # trainer.loggers: mirrors of metrics.jsonl
     lock: object = None  # rank 0's hold on RUN/.lock (checkpoint.lock_run_dir), released by `release`
+    teacher: torch.nn.Module | None = None  # algo.teacher, frozen (sharded under fsdp), or None
 
     def release(self) -> None:
         """Give back what the run holds beyond its memory: the engine, the run folder's lock."""
@@ -199,6 +201,7 @@ def _set_up_in(run_dir: Path, cfg: Config, resume: bool, log, world: parallel.Wo
     if cfg.algo.kl_coef > 0:  # only then does a second copy of the model live in memory
         ref_model = load_policy(cfg.model.path, precision.param_dtype, world.device, cfg.model.cache_dir)[0]
         ref_model.requires_grad_(False)
+    teacher = load_teacher(cfg, tokenizer, precision, world, log) if cfg.algo.teacher else None
     _warn_unknown_tokens(tokenizer, train_set, cfg, log)
     checkpoint = ckpt.latest_checkpoint(run_dir) if resume else None
     if checkpoint:  # the full weights, on every rank, before any sharding
@@ -211,7 +214,7 @@ def _set_up_in(run_dir: Path, cfg: Config, resume: bool, log, world: parallel.Wo
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     run = Run(cfg, run_dir, model, tokenizer, engine, optimizer, scheduler, scorer, train_set, held_out,
               PromptSampler(len(train_set), cfg.trainer.seed), RunState(), None, ref_model, log, world, policy,
-              checkpoint is not None, precision)
+              checkpoint is not None, precision, teacher=teacher)
     if checkpoint:
         run.state, tensors = ckpt.restore_run(run_dir, None, None, scheduler, run.sampler, rank=world.rank,
                                               write_metrics=world.is_main)
@@ -248,6 +251,33 @@ def _warn_unknown_tokens(tokenizer, train_set, cfg: Config, log) -> None:
         log(f"warning: {unknown} of {total} prompt tokens in the first {len(ids)} training prompts map "
             f"to the tokenizer's unknown token: the model cannot read these prompts "
             f"(model.path={cfg.model.path}).")
+
+
+def load_teacher(cfg: Config, student_tokenizer, precision: Precision, world: parallel.World,
+                 log) -> torch.nn.Module:
+    """algo.teacher in the compute dtype, frozen; its tokenizer must be the student's.
+
+    Under fsdp it is sharded like the policy (its layers are gathered one at a time for
+    each forward), under ddp every rank holds a whole copy; it never has gradients or
+    optimiser state, so it costs its weights (P_teacher x bytes of model.dtype) and the
+    activations of one no-grad forward per micro-batch."""
+    path = cfg.algo.teacher
+    try:
+        teacher, teacher_tokenizer = load_policy(path, cfg.model.dtype, world.device, cfg.model.cache_dir)
+    except ModelError as exc:
+        raise TrainingError(f"algo.teacher: {exc}") from None
+    why = same_tokenizer(student_tokenizer, teacher_tokenizer)
+    if why:
+        raise TrainingError(f"algo.teacher {path!r} does not share model.path's tokenizer: {why}. The "
+                            f"teacher scores the student's token ids as they are, so it needs the same "
+                            f"tokenizer; distil from a teacher of the same family")
+    teacher.requires_grad_(False)
+    teacher.eval()
+    params = sum(p.numel() for p in teacher.parameters())
+    log(f"teacher {path}: {params / 1e6:.1f}M parameters in {cfg.model.dtype}, scoring only")
+    if cfg.trainer.parallel == "fsdp" and world.size > 1:
+        return parallel.wrap(teacher, world, "fsdp", precision.fsdp_policy())
+    return teacher
 
 
 def make_probe(run: Run) -> KLProbe | None:

@@ -175,6 +175,17 @@ class AlgoConfig:
         "algo.correction_cap. The weights are detached (opo.loss.rollout_correction).", "none")
     correction_cap: float = doc("C of algo.rollout_correction: the cap of the truncated weights "
                                 "and the bounds [1/C, C] of the masks; > 1.", 2.0)
+    teacher: str = doc(
+        "On-policy distillation: a model with the student's tokenizer (a folder, a run's final/, "
+        "or a built-in name) that scores every sampled token. Each token's advantage gains "
+        "distill_coef·(log π_teacher − log π_student), both under the sampling distribution: the "
+        "reverse-KL signal (opo.distill). The teacher is loaded in model.dtype for scoring only "
+        "and never trained. Empty = no teacher.", "")
+    distill_coef: float = doc("Weight of the teacher's per-token advantage. 0 with a teacher "
+                              "leaves the updates as without one, but the teacher still scores "
+                              "every token and teacher_kl is logged (a monitor).", 1.0)
+    reward_coef: float = doc("Weight of the estimator's sequence advantage (from the rewards); 0 "
+                             "with a teacher is distillation alone.", 1.0)
     max_logp_mismatch: float | Literal["auto"] = doc(
         "Exact on-policy check: the run stops when any response token's log-probability under the "
         "trainer differs from the sampler's by more than this (logged every step as "
@@ -486,6 +497,11 @@ def check_values(cfg: Config) -> None:
     need(cfg.rollout.top_k >= 0, "rollout.top_k", "use an integer >= 0 (0 = off)", cfg.rollout.top_k)
     need(cfg.algo.max_logp_mismatch == "auto" or cfg.algo.max_logp_mismatch >= 0,
          "algo.max_logp_mismatch", "use a number >= 0 (0 = off) or auto", cfg.algo.max_logp_mismatch)
+    need(cfg.algo.distill_coef >= 0, "algo.distill_coef", "use a number >= 0 (0 = off)", cfg.algo.distill_coef)
+    need(cfg.algo.reward_coef >= 0, "algo.reward_coef", "use a number >= 0", cfg.algo.reward_coef)
+    need(cfg.algo.reward_coef > 0 or (cfg.algo.teacher and cfg.algo.distill_coef > 0), "algo.reward_coef",
+         "0 leaves no learning signal unless algo.teacher is set (with algo.distill_coef > 0)",
+         cfg.algo.reward_coef)
     need(cfg.algo.correction_cap > 1, "algo.correction_cap", "use a number > 1", cfg.algo.correction_cap)
     need(not cfg.model.pure_low_precision or cfg.model.dtype != "float32", "model.pure_low_precision",
          "it only applies with model.dtype bfloat16 or float16", cfg.model.pure_low_precision)

@@ -141,7 +141,7 @@ def train_step(run: Run) -> dict:
     lr = run.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
     try:
         stats = policy_update(run.policy, run.optimizer, packed.to(device), run.world.local_part(adv).to(device),
-                              cfg, run.ref_model, timer, run.world, run.precision)
+                              cfg, run.ref_model, timer, run.world, run.precision, teacher=run.teacher)
     except OffPolicyError as exc:
         raise TrainingError(f"step {state.step + 1}: {exc}") from None
     state.step += 1
@@ -164,7 +164,8 @@ def train_step(run: Run) -> dict:
             "ratio_max": stats["ratio_max"], "logp_mismatch_max": stats["logp_mismatch_max"],
             "logp_mismatch_mean": stats["logp_mismatch_mean"], "mismatch_kl": stats["mismatch_kl"],
             "is_weight_mean": stats["is_weight_mean"], "is_weight_max": stats["is_weight_max"],
-            "is_corrected_share": stats["is_corrected_share"], "adv_mean": float(adv.mean()),
+            "is_corrected_share": stats["is_corrected_share"], "teacher_kl": stats["teacher_kl"],
+            "adv_mean": float(adv.mean()),
             "adv_std": float(adv.std()) if len(adv) > 1 else 0.0, "zero_variance_groups": no_signal,
             "reward_errors": int(errors), "reward_timeouts": int(timeouts),
             "skipped_steps": state.skipped_steps, "policy_version": state.policy_version,
@@ -212,6 +213,8 @@ def _account_update(run: Run, stats: dict) -> None:
 def _watch_signal(run: Run, no_signal_share: float) -> None:
     """Warn once when the run has had no learning signal for a while."""
     state, limit = run.state, run.cfg.trainer.warn_no_signal_steps
+    if run.teacher is not None and run.cfg.algo.distill_coef > 0:  # a signal besides the rewards
+        limit = 0
     state.no_signal_in_row = state.no_signal_in_row + 1 if no_signal_share == 1.0 else 0
     if limit and state.no_signal_in_row == limit:
         run.log(f"warning: for {limit} steps in a row every group's rewards were all equal, so every "

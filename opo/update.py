@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 import torch
 
+from opo.distill import reverse_kl_advantage, reverse_kl_sum, token_advantages
 from opo.loss import policy_loss, rollout_correction
 from opo.parallel import SINGLE, World, clip_grad_norm
 from opo.precision import Precision, mismatch_limit
@@ -57,7 +58,7 @@ def sampling_dist(cfg) -> Dist:
 
 def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cfg, ref_model=None,
                   timer: PhaseTimer | None = None, world: World = SINGLE,
-                  precision: Precision | None = None) -> dict:
+                  precision: Precision | None = None, teacher=None) -> dict:
     """Apply the update for one rollout batch; return its statistics.
 
     packed.values may hold "sampler_logp" (the engine's per-token log-probs); then
@@ -70,6 +71,9 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
     from `parallel.wrap`; `packed` and `advantages` hold this rank's rows only.
     Forwards run under `precision`'s autocast (the trainer passes the run's, whose
     gradient scaler lives across steps; by default one is built from cfg.model).
+    `teacher` (algo.teacher, frozen) scores each micro-batch under the same distribution;
+    its per-token reverse-KL advantage is added to algo.reward_coef x the sequence one
+    (opo.distill), and teacher_kl reports KL(student || teacher) per token.
     """
     a = cfg.algo
     timer = timer or PhaseTimer()
@@ -79,7 +83,8 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
     on_policy = a.updates_per_batch == 1
     params = [p for p in model.parameters() if p.requires_grad]
     stats = {"loss": 0.0, "entropy": 0.0, "grad_norm": 0.0, "clip_frac": 0.0, "ratio_max": 0.0,
-             "bad_updates": 0}
+             "bad_updates": 0, "teacher_kl": None}
+    teacher_gap = 0.0  # Σ (log π_student − log π_teacher) over response tokens
     mismatch = _Mismatch()
     correction = _Correction()
     batch_tokens = world.sum(packed.response_mask.sum())
@@ -111,8 +116,17 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
                 if ref_model is not None:
                     with torch.no_grad():
                         ref = score(ref_model, micro, dist, chunk_tokens=a.logprob_chunk_size)[0]
+                micro_adv = mini_adv[idx.to(mini_adv.device)]
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logp = score(teacher, micro, dist, chunk_tokens=a.logprob_chunk_size)[0]
+                    teacher_gap += reverse_kl_sum(logp, teacher_logp, micro.response_mask)
+                    distill_adv = reverse_kl_advantage(logp, teacher_logp, micro.response_mask, a.distill_coef)
+                    micro_adv = token_advantages(micro_adv, distill_adv, a.reward_coef)
+                else:
+                    micro_adv = token_advantages(micro_adv, None, a.reward_coef)
                 loss, st = policy_loss(
-                    logp, micro.values.get("old_logp"), mini_adv[idx.to(mini_adv.device)],
+                    logp, micro.values.get("old_logp"), micro_adv,
                     micro.response_mask, agg=a.loss_agg, total_tokens=mini_tokens,
                     total_seqs=mini_seqs, clip_eps=None if on_policy else a.clip_eps,
                     entropy=entropy, entropy_coef=a.entropy_coef, ref_logp=ref, kl_coef=a.kl_coef,
@@ -146,6 +160,8 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
     optimizer.zero_grad(set_to_none=True)
     stats["entropy"] = world.sum(stats["entropy"])
     stats["ratio_max"] = world.max(stats["ratio_max"])
+    if teacher is not None:
+        stats["teacher_kl"] = world.sum(teacher_gap) / max(float(batch_tokens), 1.0)
     if not on_policy:
         mismatch.reduce(world)
     stats.update(mismatch.summary())

@@ -162,7 +162,7 @@ def test_grid_plan_and_commands(tmp_path):
     assert {"opo", "grpo", "grpo_offpolicy", "dr_grpo", "rloo", "opo_exact", "opo_proxy"} == names
 
 
-def test_precision_grid_names_match_the_runs_they_produce():
+def test_precision_and_distill_grid_names_match_the_runs_they_produce():
     # A run is grouped by the name variant_name derives from its resolved config, so each
     # precision variant's overrides must produce exactly its own name (else the table would
     # split or merge variants).
@@ -174,6 +174,9 @@ def test_precision_grid_names_match_the_runs_they_produce():
     assert compare.variant_name({"algo": {"estimator": "grpo", "updates_per_batch": 2,
                                           "rollout_correction": "sequence-mask"},
                                  "model": {"dtype": "float16"}}) == "grpo_offpolicy_u2_fp16_sequence-mask"
+    for variant in compare.DISTILL_GRID:
+        cfg = to_dict(load_config("tiny", ["algo.teacher=tiny", *variant.overrides]))
+        assert compare.variant_name(cfg) == variant.name
     chosen = compare.select_variants("opo,opo_bf16_token-tis", "precision")
     assert [v.name for v in chosen] == ["opo", "opo_bf16_token-tis"]
     with pytest.raises(compare.CompareError, match="unknown variant 'grpo' in the precision grid"):

@@ -53,6 +53,7 @@ def _batch():
 
 
 SEQ_MEAN_AGGS = ("seq-mean-token-mean", "seq-mean-token-sum")
+DISTILL = ["algo.teacher=tiny", "algo.distill_coef=0.5"]  # the shipped tiny model shares the tokenizer
 
 
 def _cfg(*overrides):
@@ -61,9 +62,11 @@ def _cfg(*overrides):
 
 def _step(world, kind, model_dir, prompts, responses, adv, *, sampler_shift=0.0, overrides=(), on_model=None):
     """One policy_update on this rank's rows; returns (stats, full weights or None, policy, optimizer).
-    `on_model(model)` runs after wrapping, before the update (to attach probes)."""
+    `on_model(model)` runs after wrapping, before the update (to attach probes). With
+    algo.teacher in `overrides` the teacher is loaded as opo.run does (sharded under fsdp)."""
     from opo.models import load_policy
     from opo.precision import Precision
+    from opo.run import load_teacher
 
     cfg = _cfg(*overrides)
     model, tok = load_policy(str(model_dir), device="cpu")
@@ -75,7 +78,8 @@ def _step(world, kind, model_dir, prompts, responses, adv, *, sampler_shift=0.0,
     packed = pack(prompts, responses, tok.pad_token_id)
     if sampler_shift:  # a sampler whose log-probs disagree with the trainer's by sampler_shift
         packed.values["sampler_logp"] = torch.full(packed.response_mask.shape, -sampler_shift)
-    stats = policy_update(policy, optimizer, packed, adv, cfg, world=world, precision=precision)
+    teacher = load_teacher(cfg, tok, precision, world, lambda *a: None) if cfg.algo.teacher else None
+    stats = policy_update(policy, optimizer, packed, adv, cfg, world=world, precision=precision, teacher=teacher)
     weights = parallel.full_weights(world, policy)
     if weights is None:
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -150,6 +154,11 @@ def _worker(rank, size, port, model_dir, out_dir):
             parallel.load_optimizer_state(world, policy, fresh, lambda: state)
             out["fsdp"]["reloaded"] = parallel.optimizer_state(world, policy, fresh)
             out["fsdp"]["generated_alike"] = _generate_alone(world, policy, model_dir, weights)
+    # On-policy distillation: the teacher replicated under ddp, sharded under fsdp.
+    for kind in ("ddp", "fsdp"):
+        stats, weights, _, _ = _step(world, kind, model_dir, prompts[mine], responses[mine], adv[mine],
+                                     overrides=DISTILL + [f"trainer.parallel={kind}"])
+        out[f"distill_{kind}"] = {"stats": stats, "weights": weights}
     # The per-sequence loss aggregations divide by the global number of responses.
     for agg in SEQ_MEAN_AGGS:
         stats, weights, _, _ = _step(world, "ddp", model_dir, prompts[mine], responses[mine], adv[mine],
@@ -205,6 +214,8 @@ def two_ranks(micro_model_dir, tmp_path_factory):
     prompts, responses, adv = _batch()
     stats, weights, model, optimizer = _step(parallel.SINGLE, "ddp", micro_model_dir, prompts, responses, adv)
     single = {"stats": stats, "weights": weights, "optimizer": optimizer.state_dict()}
+    stats, weights, _, _ = _step(parallel.SINGLE, "ddp", micro_model_dir, prompts, responses, adv, overrides=DISTILL)
+    single["distill"] = {"stats": stats, "weights": weights}
     for agg in SEQ_MEAN_AGGS:
         stats, weights, _, _ = _step(parallel.SINGLE, "ddp", micro_model_dir, prompts, responses, adv,
                                      overrides=[f"algo.loss_agg={agg}"])
@@ -238,6 +249,18 @@ def test_data_parallel_step_equals_the_single_process_step(two_ranks, initial_we
     ranks, single = two_ranks
     _assert_same_step(ranks[0][kind], single, initial_weights)
     assert ranks[1][kind]["stats"] == ranks[0][kind]["stats"]  # every rank logs the same figures
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_distillation_step_equals_the_single_process_step(two_ranks, initial_weights, kind):
+    ranks, single = two_ranks
+    multi = ranks[0][f"distill_{kind}"]
+    _assert_same_step(multi, single["distill"], initial_weights)
+    assert multi["stats"]["teacher_kl"] == pytest.approx(single["distill"]["stats"]["teacher_kl"], rel=1e-5)
+    assert single["distill"]["stats"]["teacher_kl"] > 0.1  # the teacher really differs from the student
+    # ... and it changed the step: the weights differ from those of the reward-only step.
+    assert max(float((single["distill"]["weights"][k] - single["weights"][k]).abs().max())
+               for k in initial_weights) > 1e-4
 
 
 @pytest.mark.parametrize("agg", SEQ_MEAN_AGGS)
