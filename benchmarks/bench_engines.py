@@ -77,7 +77,7 @@ def child_train(spec: dict) -> dict:
                f"rollout.engine={spec['engine']}", f"model.dtype={spec['dtype']}",
                f"trainer.steps={spec['steps']}", "trainer.eval_every=0", "metrics.kl_probe_size=0",
                "checkpoint.every=0", "trainer.progress=false", f"trainer.threads={spec['threads']}",
-               "rollout.vllm.enforce_eager=true", "algo.max_logp_mismatch=0"]
+               "rollout.vllm.enforce_eager=true", "algo.max_logp_mismatch=0", "algo.max_mismatch_kl=0"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])

@@ -1,7 +1,7 @@
 """Which per-step statistic tells low-precision noise from a real change of distribution?
 
     python benchmarks/bench_onpolicy_check.py [--preset tiny] [--steps 5] [--seeds 1]
-                                              [--cases fp32,bf16,...]
+                                              [--cases fp32,bf16,...] [--kv-cache-gb 0.1]
 
 Each case runs `opo train` on the preset for a few steps with the mismatch check off
 and prints, over steps 2.., the largest `logp_mismatch_max`, the mean `logp_mismatch_mean` and
@@ -43,14 +43,14 @@ CASES = {
 }
 
 
-def run_case(name: str, steps: int, preset: str = "tiny", seed: int = 0) -> dict:
+def run_case(name: str, steps: int, preset: str = "tiny", seed: int = 0, kv_cache_gb: float = 0.1) -> dict:
     dtype, engine, patch = CASES[name]
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         args = ["train", preset, f"run.dir={run}", f"trainer.seed={seed}", f"model.dtype={dtype}", f"rollout.engine={engine}",
                 f"trainer.steps={steps}", "trainer.eval_every=0", "data.eval_size=8", "checkpoint.every=0",
-                "trainer.progress=false", "algo.max_logp_mismatch=0", "rollout.vllm.enforce_eager=true",
-                "rollout.vllm.kv_cache_gb=0.1"]
+                "trainer.progress=false", "algo.max_logp_mismatch=0", "algo.max_mismatch_kl=0", "rollout.vllm.enforce_eager=true",
+                f"rollout.vllm.kv_cache_gb={kv_cache_gb}"]
         code = patch + "import sys; from opo.cli import main; sys.exit(main(sys.argv[1:]))"
         proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
         if proc.returncode:
@@ -73,13 +73,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=1, help="trainer.seed 0..N-1 for every case")
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--kv-cache-gb", type=float, default=0.1,
+                        help="rollout.vllm.kv_cache_gb (SmolLM2 needs 1: its 8k context must fit)")
     args = parser.parse_args()
     print(f"{args.preset} preset, {args.steps} steps per case, statistics over steps 2-{args.steps}, "
           f"seeds 0-{args.seeds - 1} (lowest - highest over seeds)")
     print("| case | logp_mismatch_max (largest) | logp_mismatch_mean (mean) | mismatch_kl (mean) |")
     print("|---|---|---|---|")
     for name in args.cases.split(","):
-        results = [run_case(name, args.steps, args.preset, seed) for seed in range(args.seeds)]
+        results = [run_case(name, args.steps, args.preset, seed, args.kv_cache_gb) for seed in range(args.seeds)]
         failed = [r for r in results if "error" in r]
         if failed:
             print(f"| {name} | failed: {failed[0]['error'][-200:]!r} | | |", flush=True)

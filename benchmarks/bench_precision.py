@@ -72,7 +72,7 @@ def mismatch(args) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = load_config(args.preset, [
                 f"run.dir={tmp}/run", f"model.dtype={dtype}", f"trainer.steps={args.steps}",
-                "trainer.progress=false", f"trainer.threads={args.threads}", "algo.max_logp_mismatch=0",
+                "trainer.progress=false", f"trainer.threads={args.threads}", "algo.max_logp_mismatch=0", "algo.max_mismatch_kl=0",
                 "checkpoint.every=0", "checkpoint.every_minutes=0", f"trainer.eval_every={args.steps}",
                 *args.overrides])
             summaries[dtype] = train(cfg, log=lambda *a: None)

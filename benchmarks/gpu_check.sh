@@ -33,7 +33,7 @@ for engine in vllm fast; do
   python -m torch.distributed.run --standalone --nproc_per_node 1 -m opo train smollm2 \
     run.dir="$run" rollout.engine=$engine model.dtype=bfloat16 model.device=$device \
     trainer.parallel=ddp trainer.steps=$steps trainer.eval_every=0 checkpoint.every=0 \
-    trainer.progress=false metrics.kl_probe_size=0 algo.max_logp_mismatch=0 data.eval_size=16 \
+    trainer.progress=false metrics.kl_probe_size=0 algo.max_logp_mismatch=0 algo.max_mismatch_kl=0 data.eval_size=16 \
     rollout.vllm.gpu_memory_utilization=0.3 >"$out/$engine.log" 2>&1
   rc=$?
   [ -n "${watcher:-}" ] && { kill "$watcher" 2>/dev/null; wait "$watcher" 2>/dev/null; pkill -f "nvidia-smi --query-gpu" 2>/dev/null; }

@@ -47,6 +47,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # (tiny). A maximum grows with the number of tokens it is taken over, hence the head-room.
 AUTO_MISMATCH = {"float32": 1e-3, "bfloat16": 1.0, "float16": 0.2}
 
+# algo.max_mismatch_kl="auto" resolves to these: the largest mean KL(sampler ‖ trainer) per token
+# (k3, `mismatch_kl`) of a step that still counts as the same policy. Measured per-step means
+# (benchmarks/bench_onpolicy_check.py, BENCHMARKS.md section 14; CPU): noise in float32 0 to
+# 4e-9; bfloat16 5e-6 (tiny, fast engine), 9e-5 (tiny, vLLM) and 1.0e-3 (SmolLM2, fast);
+# float16 1.3e-7 (tiny). Real changes: a sampler one to four steps stale 0.15-0.26 (tiny); a 5%
+# temperature error 1.4e-4 (tiny, fp32) and 5.7e-3 (SmolLM2, bf16). bfloat16's limit sits 10x
+# above the largest noise and catches the stale engine; it cannot catch the temperature
+# error, which lies within 6x of SmolLM2's noise. float16's is 1e-3: 40x finer noise than
+# bf16 on tiny (SmolLM2 in fp16 is too slow to measure on CPU). float32 keeps the per-token
+# maximum as its strict check; the mean only adds a second one.
+AUTO_MISMATCH_KL = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-3}
+
 
 class Precision:
     """How the policy's parameters are stored and its forwards computed.
@@ -150,10 +162,16 @@ def _spacing(dtype: str) -> int:
     return round(2 / torch.finfo(DTYPES[dtype]).eps)
 
 
+def mismatch_kl_limit(cfg) -> float:
+    """The effective algo.max_mismatch_kl: the number given, or the dtype's default for "auto"."""
+    limit = cfg.algo.max_mismatch_kl
+    return AUTO_MISMATCH_KL[cfg.model.dtype] if limit == "auto" else float(limit)
+
+
 def mismatch_limit(cfg) -> float:
     """The effective algo.max_logp_mismatch: the number given, or the dtype's default for "auto"."""
     limit = cfg.algo.max_logp_mismatch
     return AUTO_MISMATCH[cfg.model.dtype] if limit == "auto" else float(limit)
 
 
-__all__ = ["AUTO_MISMATCH", "DTYPES", "Precision", "mismatch_limit"]
+__all__ = ["AUTO_MISMATCH", "AUTO_MISMATCH_KL", "DTYPES", "Precision", "mismatch_kl_limit", "mismatch_limit"]

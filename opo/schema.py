@@ -192,6 +192,12 @@ class AlgoConfig:
         "logp_mismatch_max); 0 disables the check. `auto` depends on model.dtype: 1e-3 for float32 "
         "(measured fp32 noise is below 1e-4), 1.0 for bfloat16 and 0.2 for float16 (the measured "
         "low-precision maxima with head-room; see opo.precision.AUTO_MISMATCH).", "auto")
+    max_mismatch_kl: float | Literal["auto"] = doc(
+        "Exact on-policy check on the mean: the run stops when a step's sampler-vs-trainer KL "
+        "per token (k3, logged as mismatch_kl) exceeds this; 0 disables it. Unlike the maximum "
+        "it hardly grows with the batch, so it separates low-precision noise from a real change "
+        "of distribution. `auto`: 1e-4 for float32, 1e-2 for bfloat16, 1e-3 for float16 (10x and "
+        "more above the measured noise; see opo.precision.AUTO_MISMATCH_KL).", "auto")
 
 
 @dataclass
@@ -502,6 +508,8 @@ def check_values(cfg: Config) -> None:
     need(cfg.algo.reward_coef > 0 or (cfg.algo.teacher and cfg.algo.distill_coef > 0), "algo.reward_coef",
          "0 leaves no learning signal unless algo.teacher is set (with algo.distill_coef > 0)",
          cfg.algo.reward_coef)
+    need(cfg.algo.max_mismatch_kl == "auto" or cfg.algo.max_mismatch_kl >= 0,
+         "algo.max_mismatch_kl", "use a number >= 0 (0 = off) or auto", cfg.algo.max_mismatch_kl)
     need(cfg.algo.correction_cap > 1, "algo.correction_cap", "use a number > 1", cfg.algo.correction_cap)
     need(not cfg.model.pure_low_precision or cfg.model.dtype != "float32", "model.pure_low_precision",
          "it only applies with model.dtype bfloat16 or float16", cfg.model.pure_low_precision)

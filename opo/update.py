@@ -26,7 +26,7 @@ import torch
 from opo.distill import reverse_kl_advantage, reverse_kl_sum, token_advantages
 from opo.loss import policy_loss, rollout_correction
 from opo.parallel import SINGLE, World, clip_grad_norm
-from opo.precision import Precision, mismatch_limit
+from opo.precision import Precision, mismatch_kl_limit, mismatch_limit
 from opo.sequences import Dist, Packed, batched_logprobs, score
 
 
@@ -143,6 +143,7 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
         if on_policy:
             mismatch.reduce(world)
             mismatch.check(mismatch_limit(cfg))
+            correction.check(world, mismatch_kl_limit(cfg))
         mini_loss, clipped = world.sum(mini_loss, clipped)
         with timer("optimizer"):
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
@@ -191,6 +192,19 @@ class _Correction:
         for key, value in values.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
         return None if mode == "none" else weights
+
+    def check(self, world: World, limit: float) -> None:
+        """Stop before the optimiser step when the batch's mean KL(sampler ‖ trainer) per token
+        is above `limit` (0 = off); the figures are summed over ranks, so all ranks agree."""
+        if not limit:
+            return
+        tokens, kl = world.sum(self.sums.get("tokens", 0.0), self.sums.get("kl", 0.0))
+        if tokens and not kl / tokens <= limit:
+            raise OffPolicyError(
+                f"the sampler-vs-trainer KL is {kl / tokens:.3g} per token (algo.max_mismatch_kl="
+                f"{limit:g}): the responses were not sampled from the policy being trained. Usual "
+                f"causes: an engine whose weights were not synced, or a sampler that does not use the "
+                f"configured temperature/top_p/top_k. No weights were changed by this step.")
 
     def summary(self, world: World) -> dict:
         keys = ("tokens", "kl", "weight", "corrected", "seqs", "seqs_corrected")

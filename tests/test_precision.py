@@ -12,7 +12,7 @@ from opo import trainer as trainer_mod
 from opo.cli import main
 from opo.config import ConfigError, load_config
 from opo.models import load_policy
-from opo.precision import AUTO_MISMATCH, Precision, mismatch_limit
+from opo.precision import AUTO_MISMATCH, AUTO_MISMATCH_KL, Precision, mismatch_kl_limit, mismatch_limit
 from opo.sequences import pack
 from opo.trainer import is_timing_field, train
 from opo.update import policy_update
@@ -80,6 +80,7 @@ def test_bf16_run_writes_fp32_master_weights_in_its_checkpoints(micro_model_dir,
     assert {w.dtype for w in load_file(str(run / "final" / "model.safetensors")).values()} == {torch.float32}
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][1:]
     assert all(r["logp_mismatch_max"] <= AUTO_MISMATCH["bfloat16"] for r in rows)
+    assert all(0 <= r["mismatch_kl"] <= AUTO_MISMATCH_KL["bfloat16"] for r in rows)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -151,6 +152,10 @@ def test_mismatch_limit_follows_the_dtype_unless_given():
         load_config("tiny", ["model.pure_low_precision=true"])  # float32 has nothing to be pure about
     with pytest.raises(ConfigError, match="algo.max_logp_mismatch"):
         load_config("tiny", ["algo.max_logp_mismatch=sometimes"])
+    assert mismatch_kl_limit(load_config("tiny", ["model.dtype=bfloat16"])) == AUTO_MISMATCH_KL["bfloat16"]
+    assert mismatch_kl_limit(load_config("tiny", ["algo.max_mismatch_kl=0"])) == 0.0
+    with pytest.raises(ConfigError, match="algo.max_mismatch_kl"):
+        load_config("tiny", ["algo.max_mismatch_kl=-1"])
 
 
 def test_fsdp_policy_matches_the_config():

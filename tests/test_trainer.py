@@ -159,15 +159,15 @@ def test_trainer_scores_under_the_sampling_distribution(micro_model_dir, tmp_pat
     assert all(r["ratio_max"] == 1.0 for r in rows)  # exact on-policy: the ratio is exactly 1
 
 
-def test_a_lying_sampler_stops_the_run_before_any_update(micro_model_dir, tmp_path, monkeypatch):
-    """If the sampled distribution is not the one scored, the run refuses to train on it."""
+def _skew_the_sampler(monkeypatch):
+    """Engines whose reported log-probs are 5% off, as if they sampled at another temperature."""
     real = run_mod.engine_from_config
 
     def skewed_engine(*args, **kwargs):
         engine = real(*args, **kwargs)
         generate = engine.generate
 
-        def skewed(prompt_ids, params):  # e.g. a sampler that silently used another temperature
+        def skewed(prompt_ids, params):
             batch = generate(prompt_ids, params)
             batch.logprobs = [[x * 1.05 for x in row] for row in batch.logprobs]
             return batch
@@ -175,10 +175,26 @@ def test_a_lying_sampler_stops_the_run_before_any_update(micro_model_dir, tmp_pa
         return engine
 
     monkeypatch.setattr(run_mod, "engine_from_config", skewed_engine)
+
+
+def test_a_lying_sampler_stops_the_run_before_any_update(micro_model_dir, tmp_path, monkeypatch):
+    """If the sampled distribution is not the one scored, the run refuses to train on it."""
+    _skew_the_sampler(monkeypatch)
     cfg = load_config("tiny", micro_overrides(micro_model_dir, tmp_path / "run"))
     with pytest.raises(TrainingError, match="max_logp_mismatch"):
         train(cfg, log=lambda *a: None)
     assert _rows(tmp_path / "run")[1:] == []  # no step was logged, no weights changed
+
+
+def test_the_mean_kl_check_stops_a_lying_sampler_the_maximum_lets_through(micro_model_dir, tmp_path, monkeypatch):
+    """With the per-token maximum off (as a loose low-precision limit would be), the mean KL
+    check alone still refuses the skewed sampler before any update."""
+    _skew_the_sampler(monkeypatch)
+    cfg = load_config("tiny", micro_overrides(micro_model_dir, tmp_path / "run") + [
+        "algo.max_logp_mismatch=0", "algo.max_mismatch_kl=1e-4"])
+    with pytest.raises(TrainingError, match="max_mismatch_kl=0.0001"):
+        train(cfg, log=lambda *a: None)
+    assert _rows(tmp_path / "run")[1:] == []
 
 
 def test_a_checkpoint_with_shipped_sampling_defaults_trains_on_policy(micro_model_dir, tmp_path):
