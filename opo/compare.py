@@ -87,19 +87,19 @@ def variant_name(config: dict) -> str:
     correction other than none; ``_distill`` with a teacher, or ``distill`` alone when the
     reward's advantage is off (algo.reward_coef = 0)."""
     algo = config.get("algo", {}) or {}
-    if algo.get("teacher") and float(algo.get("distill_coef", 1.0)) > 0 and float(algo.get("reward_coef", 1.0)) == 0:
-        return "distill" + _DTYPE_SUFFIX.get(str((config.get("model") or {}).get("dtype", "float32")), "")
+    dtype = _DTYPE_SUFFIX.get(str((config.get("model") or {}).get("dtype", "float32")), "")
+    distilling = bool(algo.get("teacher")) and float(algo.get("distill_coef", 1.0)) > 0
+    if distilling and float(algo.get("reward_coef", 1.0)) == 0:
+        return "distill" + dtype
     name = str(algo.get("estimator", "?"))
     updates = int(algo.get("updates_per_batch", 1) or 1)
     if updates > 1:
         name += "_offpolicy" + ("" if updates == 4 else f"_u{updates}")
-    name += _DTYPE_SUFFIX.get(str((config.get("model") or {}).get("dtype", "float32")), "")
+    name += dtype
     correction = str(algo.get("rollout_correction", "none") or "none")
     if correction != "none":
         name += "_" + correction
-    if algo.get("teacher") and float(algo.get("distill_coef", 1.0)) > 0:
-        name += "_distill"
-    return name
+    return name + ("_distill" if distilling else "")
 
 
 # --------------------------------------------------------------------------- reading runs
@@ -336,8 +336,8 @@ def _diff(cell: dict | None) -> str:
 COLUMNS = [("variant", "variant"), ("n", "seeds"), ("final_accuracy", "final acc"),
            ("final_accuracy_vs_reference", "Δ final acc vs ref: mean ± SE [95% CI]"),
            ("auc_accuracy", "acc AUC"), ("entropy", "entropy"), ("kl_to_init", "KL to init"),
-           ("mismatch_kl", "mismatch KL"), ("teacher_kl", "KL to teacher"), ("repetition_rate", "repetition"), ("response_length", "length"),
-           ("wall_seconds", "wall s")]
+           ("mismatch_kl", "mismatch KL"), ("teacher_kl", "KL to teacher"),
+           ("repetition_rate", "repetition"), ("response_length", "length"), ("wall_seconds", "wall s")]
 
 
 def table_rows(table: dict) -> list[list[str]]:

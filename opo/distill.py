@@ -39,7 +39,7 @@ def token_advantages(sequence_advantages: Tensor, distill_advantages: Tensor | N
 
     sequence_advantages [B], distill_advantages [B, T] or None → [B] (no teacher) or [B, T]."""
     if distill_advantages is None:
-        return sequence_advantages * reward_coef if reward_coef != 1.0 else sequence_advantages
+        return sequence_advantages * reward_coef
     seq = sequence_advantages.to(distill_advantages.dtype).unsqueeze(-1)
     return reward_coef * seq + distill_advantages
 

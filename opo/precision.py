@@ -162,16 +162,19 @@ def _spacing(dtype: str) -> int:
     return round(2 / torch.finfo(DTYPES[dtype]).eps)
 
 
+def _resolve(limit, auto: dict[str, float], dtype: str) -> float:
+    """A limit as configured: the number given, or the dtype's default for "auto"."""
+    return auto[dtype] if limit == "auto" else float(limit)
+
+
 def mismatch_kl_limit(cfg) -> float:
-    """The effective algo.max_mismatch_kl: the number given, or the dtype's default for "auto"."""
-    limit = cfg.algo.max_mismatch_kl
-    return AUTO_MISMATCH_KL[cfg.model.dtype] if limit == "auto" else float(limit)
+    """The effective algo.max_mismatch_kl."""
+    return _resolve(cfg.algo.max_mismatch_kl, AUTO_MISMATCH_KL, cfg.model.dtype)
 
 
 def mismatch_limit(cfg) -> float:
-    """The effective algo.max_logp_mismatch: the number given, or the dtype's default for "auto"."""
-    limit = cfg.algo.max_logp_mismatch
-    return AUTO_MISMATCH[cfg.model.dtype] if limit == "auto" else float(limit)
+    """The effective algo.max_logp_mismatch."""
+    return _resolve(cfg.algo.max_logp_mismatch, AUTO_MISMATCH, cfg.model.dtype)
 
 
 __all__ = ["AUTO_MISMATCH", "AUTO_MISMATCH_KL", "DTYPES", "Precision", "mismatch_kl_limit", "mismatch_limit"]

@@ -116,15 +116,13 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
                 if ref_model is not None:
                     with torch.no_grad():
                         ref = score(ref_model, micro, dist, chunk_tokens=a.logprob_chunk_size)[0]
-                micro_adv = mini_adv[idx.to(mini_adv.device)]
+                distill_adv = None
                 if teacher is not None:
                     with torch.no_grad():
                         teacher_logp = score(teacher, micro, dist, chunk_tokens=a.logprob_chunk_size)[0]
                     teacher_gap += reverse_kl_sum(logp, teacher_logp, micro.response_mask)
                     distill_adv = reverse_kl_advantage(logp, teacher_logp, micro.response_mask, a.distill_coef)
-                    micro_adv = token_advantages(micro_adv, distill_adv, a.reward_coef)
-                else:
-                    micro_adv = token_advantages(micro_adv, None, a.reward_coef)
+                micro_adv = token_advantages(mini_adv[idx.to(mini_adv.device)], distill_adv, a.reward_coef)
                 loss, st = policy_loss(
                     logp, micro.values.get("old_logp"), micro_adv,
                     micro.response_mask, agg=a.loss_agg, total_tokens=mini_tokens,
