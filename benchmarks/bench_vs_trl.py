@@ -802,8 +802,8 @@ def run_pair(model_key: str, dtype: str, args, work: Path, machine: dict | None,
           f"model.gradient_checkpointing as configured (opo's default: off)"
           + (f"; opo overrides: {' '.join(args.opo_set)}" if args.opo_set else ""))
     if dtype == "bf16":
-        print("   bf16: TRL loads the weights in bf16 (model_init_kwargs dtype) with bf16=True; opo uses "
-              "model.dtype=bfloat16: both hold and update bf16 weights")
+        print("   bf16: TRL loads the weights in bf16 (model_init_kwargs dtype) with bf16=True and updates "
+              "them in bf16; opo uses model.dtype=bfloat16: fp32 master weights, bf16 compute")
     print(f"   prompt token ids identical on both sides: {'yes' if same_ids else 'NO'} "
           f"({len(questions)} prompts, files in {folder})")
 
@@ -894,6 +894,21 @@ def print_pair(pair: dict, machine: dict | None) -> dict:
     return row
 
 
+def print_dtype_summary(rows: dict, pairs: list[dict]) -> None:
+    """Per model: TRL's step over opo's in each dtype (per step and per generated token), and
+    opo's bf16 step against its own fp32 step."""
+    opo_median = {(p["model"], p["dtype"]): p["results"].get("opo", {}).get("summary", {}).get("median_s")
+                  for p in pairs}
+    print("\n---- summary")
+    for (model, dtype), row in rows.items():
+        print(f"   {model} {dtype}: speed-up vs TRL per step {fmt(row['speedup'])}x, per generated token "
+              f"{fmt(row['token_speedup'])}x, peak RSS opo/TRL {fmt(row['rss_ratio'])}")
+    for model in dict.fromkeys(m for m, _ in rows):
+        fp32, bf16 = opo_median.get((model, "fp32")), opo_median.get((model, "bf16"))
+        if fp32 and bf16:
+            print(f"   {model} opo bf16 against opo fp32: {fp32:.2f} / {bf16:.2f} s/step = {fp32 / bf16:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.child:
@@ -962,6 +977,7 @@ def main(argv: list[str] | None = None) -> int:
     hard_failures = [f for f in failed if " fp32 " in f]
     if failed:
         print("sides that did not run: " + ", ".join(failed))
+    print_dtype_summary(rows, pairs)
     if args.only != "both":
         print(f"(only {args.only} was run: no ratio line)")
         return 1 if hard_failures else 0

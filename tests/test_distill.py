@@ -99,12 +99,13 @@ def test_distillation_alone_moves_the_student_towards_the_teacher(micro_model_di
     # The shipped `tiny` model: larger, trained, and with the micro model's tokenizer.
     run = tmp_path / "distil"
     assert main(["train", *micro_overrides(micro_model_dir, run, **{
-        "trainer.steps": 60, "trainer.eval_every": 0, "algo.teacher": "tiny",
+        "trainer.steps": 120, "trainer.eval_every": 0, "algo.teacher": "tiny",
         "algo.reward_coef": 0, "optim.lr": 1e-2})]) == 0
     kls = [r["teacher_kl"] for r in _rows(run)]
     assert all(k is not None for k in kls)
-    # Measured on an EPYC: 7.2 nats/token at the start, ~4.6 after 60 steps. The student
-    # (30k parameters) is far smaller than the teacher, so the KL falls slowly.
+    # The student (30k parameters) is far smaller than the teacher, so the KL falls slowly and
+    # noisily: ~7 nats/token at the start; the mean of the last 5 steps over the first 5 was
+    # 0.64-0.80 after 120 steps for trainer seeds 0-3, but 0.76-0.99 after 60 steps (Xeon).
     first, last = sum(kls[:5]) / 5, sum(kls[-5:]) / 5
     assert first > 1.0 and last < 0.85 * first, kls
 

@@ -18,12 +18,13 @@ ENGINES = ("fast", "hf", "vllm")
 
 
 def make_engine(kind: str, model, tokenizer, eos_ids: list[int], batch_size: int = 0,
-                vllm_options: dict | None = None) -> RolloutEngine:
-    """The rollout engine named `kind`, sampling from `model`; `vllm_options` go to VLLMEngine.
+                vllm_options: dict | None = None, fused: bool = True) -> RolloutEngine:
+    """The rollout engine named `kind`, sampling from `model`; `vllm_options` go to VLLMEngine,
+    `fused` to the fast engine (its fused decode step for Llama-family models).
 
     vLLM (an optional extra) is imported only when it is asked for, so opo works without it."""
     if kind == "fast":
-        return FastEngine(model, tokenizer, eos_ids, batch_size)
+        return FastEngine(model, tokenizer, eos_ids, batch_size, fused=fused)
     if kind == "hf":
         return HFEngine(model, tokenizer, eos_ids, batch_size)
     if kind == "vllm":
@@ -39,7 +40,7 @@ def engine_from_config(cfg, model, tokenizer, log=print) -> RolloutEngine:
     options = {**dataclasses.asdict(cfg.rollout.vllm), "dtype": cfg.model.dtype, "seed": cfg.trainer.seed,
                "log": log}
     return make_engine(cfg.rollout.engine, model, tokenizer, eos_ids(model, tokenizer), cfg.rollout.batch_size,
-                       vllm_options=options)
+                       vllm_options=options, fused=cfg.rollout.fused_decode)
 
 
 __all__ = ["ENGINES", "RolloutBatch", "RolloutEngine", "SamplingParams", "engine_from_config", "make_engine",

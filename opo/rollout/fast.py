@@ -3,8 +3,8 @@
 Why not `generate`: for RL rollouts three things matter that `generate` does not do.
 - The K samples of a prompt share one prefill: the prompt is run once and its keys and
   values are repeated K times, instead of K identical prompt passes.
-- Finished rows leave the batch: once a row emits eos it is dropped from the cache, so
-  a batch whose responses end early stops paying for them.
+- Finished rows leave the batch: once a quarter of the rows have emitted eos they are
+  dropped from the cache, so a batch whose responses end early stops paying for them.
 - Every token's log-probability under the sampling distribution is returned natively,
   through the same `opo.sampling` maths the trainer scores with.
 
@@ -20,16 +20,25 @@ from transformers.cache_utils import DynamicLayer
 
 from opo.models import cache_kwarg
 from opo.rollout.base import LocalEngine, RolloutBatch, SamplingParams, pad_left, prompt_chunks
+from opo.rollout.fused import FusedDecoder
 from opo.sampling import sample
 
 
 class FastEngine(LocalEngine):
+    def __init__(self, model, tokenizer, eos_ids: list[int], batch_size: int = 0, fused: bool = True):
+        super().__init__(model, tokenizer, eos_ids, batch_size)
+        self.fused = fused  # decode supported models with opo.rollout.fused (rollout.fused_decode)
+
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> RolloutBatch:
         rows, groups, responses, reasons, logprobs = [], [], [], [], []
-        for part in prompt_chunks(len(prompt_ids), params.n, self.batch_size):
+        parts = prompt_chunks(len(prompt_ids), params.n, self.batch_size)
+        # The weights are fixed for the whole call: fuse (and cast, and pack) them once.
+        decoder = FusedDecoder.build(self.model, rows_hint=len(prompt_ids[parts[0]]) * params.n) \
+            if self.fused and parts else None
+        for part in parts:
             prompts = prompt_ids[part]
-            resp, reas, lps = self._sample(prompts, params)
+            resp, reas, lps = self._sample(prompts, params, decoder)
             responses += resp
             reasons += reas
             logprobs += lps
@@ -46,14 +55,15 @@ class FastEngine(LocalEngine):
                          use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): cache})
         return out.logits[:, -1]
 
-    def _sample(self, prompts: list[list[int]], params: SamplingParams):
+    def _sample(self, prompts: list[list[int]], params: SamplingParams, decoder: FusedDecoder | None = None):
         device = next(self.model.parameters()).device
         n, budget = params.n, params.max_new_tokens
         ids, mask = pad_left(prompts, self.tokenizer.pad_token_id, device)
         # Left padding: a row's positions count its real tokens only, as in training.
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache(config=self.model.config)
-        if all(type(layer) is DynamicLayer for layer in cache.layers):
+        preallocated = all(type(layer) is DynamicLayer for layer in cache.layers)
+        if preallocated:
             # Room for the whole response up front: the default layer re-copies its keys and
             # values into a new tensor at every token (a quarter of a SmolLM2 decode step).
             cache.layers = [PreallocatedLayer(ids.shape[1] + budget) for _ in cache.layers]
@@ -65,24 +75,37 @@ class FastEngine(LocalEngine):
         next_pos = positions[:, -1] + 1
         total = len(prompts) * n
         live = torch.arange(total, device=device)  # output row of each cache row
+        running = torch.ones(total, dtype=torch.bool, device=device)  # cache rows still generating
+        n_running = total
         eos = torch.tensor(self.eos_ids, device=device)
         tokens_by_step, logp_by_step, rows_by_step = [], [], []
         for t in range(budget):
             token, logp = sample(logits, params.temperature, params.top_p, params.top_k)
-            tokens_by_step.append(token)
-            logp_by_step.append(logp)
-            rows_by_step.append(live)
-            done = torch.isin(token, eos)
+            kept = slice(None) if n_running == running.numel() else running.nonzero().squeeze(-1)
+            tokens_by_step.append(token[kept])
+            logp_by_step.append(logp[kept])
+            rows_by_step.append(live[kept])
+            done = torch.isin(token, eos) & running
             if t == budget - 1:
                 break
             if bool(done.any()):
-                keep = (~done).nonzero().squeeze(-1)
-                if keep.numel() == 0:
+                running &= ~done
+                n_running = int(running.sum())
+                if n_running == 0:
                     break
-                cache.batch_select_indices(keep)  # finished rows stop costing anything
-                live, token, mask, next_pos = live[keep], token[keep], mask[keep], next_pos[keep]
+                # A finished row stays in the batch (its tokens are dropped) until a quarter of
+                # the batch has finished: a decode step reads every weight whatever the number of
+                # rows, so a few rows more cost little, while dropping rows copies the whole cache.
+                if n_running <= running.numel() * 3 // 4:
+                    keep = running.nonzero().squeeze(-1)
+                    cache.batch_select_indices(keep)
+                    live, token, mask, next_pos = live[keep], token[keep], mask[keep], next_pos[keep]
+                    running = running[keep]
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-            logits = self._forward(token[:, None], mask, next_pos[:, None], cache)
+            if decoder is not None and preallocated:
+                logits = decoder.step(token, next_pos, mask.bool(), cache.layers)
+            else:
+                logits = self._forward(token[:, None], mask, next_pos[:, None], cache)
             next_pos = next_pos + 1
         # Reassemble per-row sequences from the per-step (row, token, logp) triples.
         responses = [[] for _ in range(total)]
