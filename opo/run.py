@@ -119,6 +119,15 @@ class Run:
             optimizer_state=optimizer_state, other_rank_rngs=rngs[1:]), ckpt.CheckpointError)
 
 
+def fused_adamw(params) -> bool:
+    """Whether AdamW can take its single-kernel path for `params`: float tensors (FSDP2's DTensor
+    shards too) on a CPU or CUDA device. It updates the same way in one pass over the state
+    instead of a dozen (SmolLM2's 135M parameters on 2 CPU cores: 0.08 s a step against 0.35 s
+    for the default), and every process layout takes the same path, so a sharded step stays
+    equal to the single-process one."""
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+
+
 def lr_lambda(cfg: Config):
     warm, total, kind = cfg.optim.warmup_steps, max(cfg.trainer.steps, 1), cfg.optim.schedule
 
@@ -210,7 +219,7 @@ def _set_up_in(run_dir: Path, cfg: Config, resume: bool, log, world: parallel.Wo
     engine = engine_from_config(cfg, model, tokenizer, log)
     trainable = [p for p in policy.parameters() if p.requires_grad]  # all of them, or the LoRA adapters
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                  weight_decay=cfg.optim.weight_decay)
+                                  weight_decay=cfg.optim.weight_decay, fused=fused_adamw(trainable))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     run = Run(cfg, run_dir, model, tokenizer, engine, optimizer, scheduler, scorer, train_set, held_out,
               PromptSampler(len(train_set), cfg.trainer.seed), RunState(), None, ref_model, log, world, policy,
