@@ -3,6 +3,9 @@
     python benchmarks/bench_engines.py [--engines fast,hf,vllm] [--batches 32,64] [--dtypes float32]
                                        [--new-tokens 64] [--repeats 3] [--train-steps 4]
 
+`fast-unfused` is the `fast` engine with rollout.fused_decode=false (transformers' forward
+at every decode step), to see what the fused step buys.
+
 `generate`: for each engine, dtype and batch size (sequences: batch/8 prompts x 8 samples),
 the same SmolLM2 prompts (the smollm2 preset's chain_sum questions, chat template), one
 warm-up call and then `--repeats` timed calls; it prints generated tokens per second (the
@@ -31,6 +34,13 @@ from machine import cpu_name  # noqa: E402  (benchmarks/machine.py, beside this 
 
 MODEL = "smollm2-135m-instruct"
 K = 8
+# Engine names this script takes beyond rollout.engine's own: name -> (engine, extra overrides).
+VARIANTS = {"fast-unfused": ("fast", ["rollout.fused_decode=false"])}
+
+
+def engine_overrides(name: str) -> list[str]:
+    engine, extra = VARIANTS.get(name, (name, []))
+    return [f"rollout.engine={engine}", *extra]
 
 
 def child_generate(spec: dict) -> dict:
@@ -44,7 +54,7 @@ def child_generate(spec: dict) -> dict:
     from opo.rollout import SamplingParams, engine_from_config
 
     torch.set_num_threads(spec["threads"])
-    cfg = load_config("smollm2", [f"rollout.engine={spec['engine']}", f"model.dtype={spec['dtype']}",
+    cfg = load_config("smollm2", [*engine_overrides(spec["engine"]), f"model.dtype={spec['dtype']}",
                                   "rollout.vllm.enforce_eager=true"])
     precision = Precision.from_config(cfg.model, torch.device("cpu"))
     model, tok = load_policy(cfg.model.path, precision.param_dtype, "cpu")
@@ -74,7 +84,7 @@ def child_train(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "opo.cli", "train", "smollm2", f"run.dir={run}",
-               f"rollout.engine={spec['engine']}", f"model.dtype={spec['dtype']}",
+               *engine_overrides(spec["engine"]), f"model.dtype={spec['dtype']}",
                f"trainer.steps={spec['steps']}", "trainer.eval_every=0", "metrics.kl_probe_size=0",
                "checkpoint.every=0", "trainer.progress=false", f"trainer.threads={spec['threads']}",
                "rollout.vllm.enforce_eager=true", "algo.max_logp_mismatch=0", "algo.max_mismatch_kl=0"]

@@ -116,3 +116,26 @@ def test_engine_with_and_without_fusion_draws_the_same_responses(micro_policy, t
         assert lengths[len(lengths) // 4] < lengths[-1], lengths
     for a, b in zip(out[0].logprobs, out[1].logprobs):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_cache_holds_what_attention_reads(micro_policy, monkeypatch, fused):
+    """Under bf16 autocast the cache stores keys cast once to bf16; attention, which casts them
+    to bf16 itself, then reads the same values: identical tokens and log-probs to an fp32 cache."""
+    import opo.rollout.fast as fast
+
+    model, tok = micro_policy
+    prompts = [tok("12+3=")["input_ids"], tok("999+1=")["input_ids"]]
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=16)
+    out = []
+    for store in ("bf16", "as computed"):
+        if store == "as computed":
+            monkeypatch.setattr(fast, "_attention_dtype", lambda device: None)
+        engine = make_engine("fast", model, tok, eos_ids(model, tok), fused=fused)
+        torch.manual_seed(2)
+        with Precision("bfloat16", "cpu").autocast():
+            if store == "bf16":
+                assert fast._attention_dtype(torch.device("cpu")) == torch.bfloat16
+            out.append(engine.generate(prompts, params))
+    assert fast._attention_dtype.__name__ == "<lambda>"  # the second run really stored fp32 keys
+    assert out[0].response_ids == out[1].response_ids and out[0].logprobs == out[1].logprobs
