@@ -132,8 +132,8 @@ class RolloutConfig:
     vllm: VLLMConfig = doc("vLLM engine settings (rollout.engine=vllm).", factory=VLLMConfig)
     fused_decode: bool = doc(
         "The `fast` engine decodes Llama-family models (llama, qwen2, mistral) with its fused step "
-        "(opo/rollout/fused.py: q/k/v and gate/up in one product each, weights cast and packed once "
-        "per rollout); false calls transformers' forward at every token. Other models always do.", True)
+        "(opo/rollout/fused.py: q/k/v and gate/up in one product each, weights cast and oneDNN-packed "
+        "once per rollout); false calls transformers' forward at every token. Other models always do.", True)
     prompts_per_step: int = doc("Prompts per rollout batch, in total: under torchrun each process takes "
                                 "an equal share of whole prompts, so use a multiple of the process count.", 16)
     samples_per_prompt: int = doc("K, responses sampled per prompt (the group size).", 8)

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 from opo.models import eos_ids
 from opo.precision import Precision
@@ -24,6 +25,13 @@ def _qwen2():
     return Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
                                         tie_word_embeddings=False)).eval()
+
+
+def _mistral():
+    torch.manual_seed(2)
+    return MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                            max_position_embeddings=128, sliding_window=None)).eval()
 
 
 def _step_both_ways(model, steps=6):
@@ -57,7 +65,7 @@ def _step_both_ways(model, steps=6):
     return torch.stack(reference), torch.stack(fused)
 
 
-@pytest.mark.parametrize("build", [_llama, _qwen2], ids=["llama-gqa-tied", "qwen2-bias-untied"])
+@pytest.mark.parametrize("build", [_llama, _qwen2, _mistral], ids=["llama-gqa-tied", "qwen2-bias-untied", "mistral"])
 @torch.no_grad()
 def test_fused_step_equals_transformers_forward_in_fp32(build):
     model = build()

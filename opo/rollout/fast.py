@@ -127,8 +127,8 @@ def _attention_dtype(device: torch.device) -> torch.dtype | None:
 
     Under bf16 autocast a Llama layer's rotated keys come out in fp32 (the rotary tables are
     fp32) and attention casts the whole cache to bf16 again at every token; storing them cast
-    once gives attention the very same bf16 values, without the per-token copy of the cache
-    (14% of a bf16 SmolLM2 decode step)."""
+    once gives attention the very same bf16 values without the per-token copy of the cache
+    (copies fell from 14% to 9% of a bf16 SmolLM2 generation's CPU time)."""
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)
         return dtype if dtype != torch.float32 else None

@@ -4,13 +4,13 @@ At a batch of 32 rows a decode step of a 135M-parameter model is bound by readin
 weights (538 MB in fp32, 269 MB in bf16) and by the number of kernels it launches, not by
 arithmetic. transformers' forward spends a third of a SmolLM2 decode step outside the
 matrix products (masks rebuilt, keys and values repeated for grouped-query attention,
-three projections where one would do), and under autocast it casts every weight to bf16
-again at every token. `FusedDecoder` computes the same function with:
+three projections where one would do), and its products read the weights in their plain
+layout. `FusedDecoder` computes the same function with:
 
 - one matrix product for q, k and v, and one for the MLP's gate and up projections
   (the weights concatenated once per `generate` call);
-- weights held in the compute dtype for the whole call: under bf16 autocast, one bf16
-  working copy of the fp32 master weights per call instead of a cast per token;
+- weights held in the compute dtype for the whole call (under bf16 autocast, the bf16
+  copies autocast would cache, made once);
 - on a CPU, weights packed once per call into oneDNN's blocked layout, which its matrix
   product reads fastest;
 - attention by `scaled_dot_product_attention` over the preallocated cache, grouped-query
