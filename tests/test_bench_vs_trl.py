@@ -203,3 +203,15 @@ def test_executed_flops_count_shared_prompts_once_and_trl_recomputation(bench):
     # TRL runs every row's prompt, and gradient checkpointing adds a forward (8 N per token).
     assert bench.executed_training_flops("trl", n, summary, 8, True) == 8 * n * 1000
     assert bench.executed_training_flops("trl", n, summary, 8, False) == 6 * n * 1000
+
+
+def test_summary_gives_each_dtype_and_bf16_against_fp32(bench, capsys):
+    rows = {("smollm2", "fp32"): {"speedup": 3.03, "token_speedup": 2.92, "rss_ratio": 0.67},
+            ("smollm2", "bf16"): {"speedup": 2.61, "token_speedup": 1.99, "rss_ratio": 0.84}}
+    pairs = [{"model": "smollm2", "dtype": d, "results": {"opo": {"summary": {"median_s": s}}}}
+             for d, s in (("fp32", 12.66), ("bf16", 8.76))]
+    bench.print_dtype_summary(rows, pairs)
+    out = capsys.readouterr().out
+    assert "smollm2 fp32: speed-up vs TRL per step 3.03x, per generated token 2.92x" in out
+    assert "smollm2 bf16: speed-up vs TRL per step 2.61x" in out
+    assert "opo bf16 against opo fp32: 12.66 / 8.76 s/step = 1.45x" in out
