@@ -66,7 +66,7 @@ def _step(world, kind, model_dir, prompts, responses, adv, *, sampler_shift=0.0,
     algo.teacher in `overrides` the teacher is loaded as opo.run does (sharded under fsdp)."""
     from opo.models import load_policy
     from opo.precision import Precision
-    from opo.run import load_teacher
+    from opo.run import fused_adamw, load_teacher
 
     cfg = _cfg(*overrides)
     model, tok = load_policy(str(model_dir), device="cpu")
@@ -74,7 +74,8 @@ def _step(world, kind, model_dir, prompts, responses, adv, *, sampler_shift=0.0,
     policy = parallel.wrap(model, world, kind, precision.fsdp_policy())  # as opo.run does
     if on_model:
         on_model(model)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=LR)
+    params = list(policy.parameters())
+    optimizer = torch.optim.AdamW(params, lr=LR, fused=fused_adamw(params))  # as opo.run builds it
     packed = pack(prompts, responses, tok.pad_token_id)
     if sampler_shift:  # a sampler whose log-probs disagree with the trainer's by sampler_shift
         packed.values["sampler_logp"] = torch.full(packed.response_mask.shape, -sampler_shift)

@@ -44,8 +44,9 @@ class _Linear:
     """One weight (and bias) in the compute dtype, packed for oneDNN on a CPU where it can be.
 
     oneDNN's blocked layout is chosen for `rows_hint` rows but serves any row count, so it
-    keeps paying as rows finish and leave the batch (measured on SmolLM2's shapes: 1.2x
-    fp32 and 1.3x bf16 over the plain product at 32 rows, 1.5x at 8).
+    keeps paying as rows finish and leave the batch (benchmarks/bench_decode.py, SmolLM2's
+    shapes on a 2-core Xeon: 1.15x fp32 and 1.4x bf16 over the plain product at 32 rows,
+    1.5x at 8).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, rows_hint: int):
@@ -144,14 +145,12 @@ class FusedDecoder:
     """
 
     def __init__(self, model, rows_hint: int = 32):
-        self.model = model
         decoder = model.get_decoder()
         device_type = next(model.parameters()).device.type
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
         else:
             dtype = decoder.layers[0].self_attn.q_proj.weight.dtype
-        self.dtype = dtype
         self.embed = decoder.get_input_embeddings()
         self.rotary = decoder.rotary_emb
         self.norm = decoder.norm
