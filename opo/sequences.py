@@ -7,9 +7,11 @@ Scoring is where exactness, memory and speed meet:
   computed once and reused by all K rows (the backward pass flows through them once), so
   the prompt is not run K times; this is the same computation as K full rows, not an
   approximation, and it is checked against them in the tests;
-- only response positions reach the output layer, in chunks of at most `chunk_tokens`
-  tokens, each recomputed in the backward pass when there is more than one, so no
-  [B, T, V] tensor of logits ever exists;
+- only response positions reach the output layer. On a CPU, for a plain output layer and
+  no top-k / top-p, `opo.output_layer` computes the log-probs and entropy from tiles of the
+  logits; otherwise they go through in chunks of at most `chunk_tokens` tokens, each
+  recomputed in the backward pass when there is more than one. Either way no [B, T, V]
+  tensor of logits ever exists;
 - micro-batches are cut by rows and by a token budget, and each is trimmed to its own
   longest prompt and response.
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from opo import sampling
+from opo import output_layer, sampling
 from opo.models import cache_kwarg
 
 
@@ -338,6 +340,11 @@ def _score_lm(model, packed: Packed, dist: Dist, *, with_entropy: bool, chunk_to
     mask = packed.response_mask.bool()
     h = hidden[mask]                                   # [N, H]
     targets = packed.response_ids[mask]                # [N]
+    n = h.shape[0]
+    weight = output_layer.usable_weight(model, dist) if n else None
+    if weight is not None:  # tiles of the logits only, in forward and backward (opo.output_layer)
+        flat, ent = output_layer.head_scores(h, weight, targets, dist.temperature, with_entropy)
+        return _unflatten(flat, mask), (_unflatten(ent, mask) if with_entropy else None)
     head = _output_layer(model)
 
     def chunk_scores(h_c, t_c):
@@ -347,7 +354,6 @@ def _score_lm(model, packed: Packed, dist: Dist, *, with_entropy: bool, chunk_to
             return sampling.target_logprobs(logits, t_c, dist.temperature, dist.top_p, dist.top_k), None
         return sampling.target_logprobs_and_entropy(logits, t_c, dist.temperature, dist.top_p, dist.top_k)
 
-    n = h.shape[0]
     size = chunk_tokens if chunk_tokens and chunk_tokens < n else max(n, 1)
     recompute = size < n and torch.is_grad_enabled()
     logp_parts, ent_parts = [], []
@@ -359,13 +365,16 @@ def _score_lm(model, packed: Packed, dist: Dist, *, with_entropy: bool, chunk_to
             logp_c, ent_c = chunk_scores(h_c, t_c)
         logp_parts.append(logp_c)
         ent_parts.append(ent_c)
-    flat = torch.cat(logp_parts) if logp_parts else h.new_zeros(0)
-    logp = torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
+    flat = torch.cat(logp_parts) if logp_parts else h.new_zeros(0, dtype=torch.float32)
     entropy = None
     if with_entropy:
-        ent = torch.cat(ent_parts) if ent_parts else flat.new_zeros(0)
-        entropy = torch.zeros(mask.shape, dtype=ent.dtype, device=ent.device).masked_scatter(mask, ent)
-    return logp, entropy
+        entropy = _unflatten(torch.cat(ent_parts) if ent_parts else flat.new_zeros(0), mask)
+    return _unflatten(flat, mask), entropy
+
+
+def _unflatten(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values [N] of the N masked positions back to [B, T], 0 off the mask."""
+    return torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
 
 
 @torch.no_grad()
