@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from opo import attention
 from opo.tasks import addition, scratchpad
 
 BUILTIN = {
@@ -151,7 +152,8 @@ def load_policy(path: str, dtype: str = "float32", device: str = "auto", cache_d
     Two things are changed at load so that the policy we score is the policy we sample:
     dropout is switched off everywhere (see `disable_dropout`), and the model's shipped
     generation defaults are replaced by a minimal config that only says how to stop
-    (see `minimal_generation_config`).
+    (see `minimal_generation_config`). On a CPU, SDPA attention becomes `opo.attention`'s
+    (the same except in the backward pass under bf16/fp16 autocast).
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -178,6 +180,7 @@ def load_policy(path: str, dtype: str = "float32", device: str = "auto", cache_d
     model.to(pick_device(device))
     disable_dropout(model)
     model.generation_config = minimal_generation_config(model, tokenizer)
+    attention.use_for(model)  # a faster backward under bf16 autocast on a CPU (opo.attention)
     model.eval()
     return model, tokenizer
 

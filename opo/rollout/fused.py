@@ -34,6 +34,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from opo import attention
+
 # Decoder families whose layers compute, token by token, exactly what `step` computes:
 # pre-norm residual blocks of RMSNorm, rotary self-attention (q/k/v/o projections, biases
 # allowed on q/k/v) and a gated MLP (gate/up/down, no biases).
@@ -108,7 +110,7 @@ def unsupported_reason(model) -> str | None:
         return "sliding-window attention"
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         return "pretraining_tp > 1"
-    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager", None):
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", attention.NAME, "eager", None):
         return f"attention implementation {config._attn_implementation!r}"
     try:
         decoder = model.get_decoder()
