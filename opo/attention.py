@@ -1,18 +1,20 @@
-"""The attention function of a policy on a CPU: transformers' SDPA, except where a gradient
-will flow through it under bf16/fp16 autocast, where it runs in float32 instead.
+"""The attention function of a policy on a CPU: transformers' SDPA, whose backward pass
+runs in float32 where a gradient flows through it under bf16/fp16 autocast.
 
 Why: on a CPU, PyTorch's flash-attention backward for bf16 inputs is several times slower
-than for float32 inputs of the same shape (3.4 against 0.9 ms per call for a SmolLM2 layer
-at 9 rows x 29 tokens over a 63-token prompt; benchmarks/bench_attention.py), and a training
-step of SmolLM2 makes 180 such calls (30 layers x one prompt pass and the length buckets).
+than for float32 inputs of the same shape (about 3.4 against 0.9 ms per call for a SmolLM2
+layer at 9 rows x 29 tokens over a 63-token prompt; benchmarks/bench_attention.py), and a
+training step of SmolLM2 makes 180 such calls (30 layers x the prompt pass and the length
+buckets).
 
-What changes in the numbers: nothing outside that case (generation, scoring without
-gradients, float32 training and every GPU go straight to SDPA). In that case the queries,
-keys and values are first rounded to the autocast dtype, exactly as the bf16 kernel would
-receive them, and the output is rounded back to it, as the bf16 kernel returns it; only the
-kernel's own intermediate rounding differs (the bf16 kernel rounds the attention weights to
-bf16 before multiplying the values). The sampler/trainer mismatch metrics measure the
-result every step.
+What changes in the numbers: the forward pass is SDPA itself, so the log-probs the trainer
+scores are those of the same kernel the sampler runs (computing the forward in float32 too
+was tried: it moved the trainer away from the bf16 sampler, raising the measured mismatch
+by about a quarter). The backward pass recomputes attention in float32 on the queries,
+keys and values rounded to the autocast dtype, exactly as the bf16 kernel receives them, and
+takes that computation's gradient: the gradient of the same function, with float32 rounding
+instead of bf16's inside. Generation, scoring without gradients, float32 training and GPUs
+go straight to SDPA.
 """
 
 from __future__ import annotations
@@ -28,12 +30,29 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
     device = query.device.type
     if device == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled(device):
         low = torch.get_autocast_dtype(device)
-        if low in (torch.bfloat16, torch.float16):
-            query, key, value = (t.to(low).float() for t in (query, key, value))
-            with torch.autocast(device_type=device, enabled=False):
-                out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-            return out.to(low), weights
+        if low in (torch.bfloat16, torch.float16) and any(t.requires_grad for t in (query, key, value)):
+            run = lambda q, k, v: sdpa_attention_forward(module, q, k, v, attention_mask, **kwargs)[0]
+            return _FloatBackward.apply(run, low, query, key, value), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+class _FloatBackward(torch.autograd.Function):
+    """`run(q, k, v)` as it is (under the caller's autocast) forward; in float32 backward."""
+
+    @staticmethod
+    def forward(ctx, run, low, query, key, value):
+        ctx.run, ctx.low = run, low
+        ctx.save_for_backward(query, key, value)
+        with torch.no_grad():
+            return run(query, key, value)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inputs = [t.detach().to(ctx.low).float().requires_grad_() for t in ctx.saved_tensors]
+        with torch.enable_grad(), torch.autocast(device_type=grad_out.device.type, enabled=False):
+            out = ctx.run(*inputs)
+            grads = torch.autograd.grad(out, inputs, grad_out.float())
+        return (None, None) + tuple(g.to(t.dtype) for g, t in zip(grads, ctx.saved_tensors))
 
 
 def register() -> None:
