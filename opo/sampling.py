@@ -76,17 +76,20 @@ def target_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, t
     return picked - torch.logsumexp(z, dim=-1)
 
 
-@torch.no_grad()
-def entropy(logits: Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> Tensor:
-    """Entropy of the sampling distribution, [..., V] -> [...] float32, never in the graph.
+def entropy(logits: Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+            grad: bool = False) -> Tensor:
+    """Entropy of the sampling distribution, [..., V] -> [...] float32: detached (a metric),
+    or with `grad` differentiable with respect to `logits` (an entropy bonus; the support
+    itself is chosen without gradient).
 
     H = logsumexp(z) − Σ_v p_v z_v over the support (tokens outside it have p_v = 0 and
     contribute nothing; masking avoids 0 · (−inf)).
     """
-    z = filter_logits(logits.detach(), temperature, top_p, top_k)
-    probs = torch.softmax(z, dim=-1)
-    finite = torch.where(torch.isfinite(z), z, torch.zeros((), dtype=z.dtype, device=z.device))
-    return torch.logsumexp(z, dim=-1) - (probs * finite).sum(-1)
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        z = filter_logits(logits if grad else logits.detach(), temperature, top_p, top_k)
+        probs = torch.softmax(z, dim=-1)
+        finite = torch.where(torch.isfinite(z), z, torch.zeros((), dtype=z.dtype, device=z.device))
+        return torch.logsumexp(z, dim=-1) - (probs * finite).sum(-1)
 
 
 def target_logprobs_and_entropy(logits: Tensor, targets: Tensor, temperature: float = 1.0,

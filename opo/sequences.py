@@ -302,9 +302,9 @@ class ScoreModule(torch.nn.Module):
         self.lm = lm
 
     def forward(self, packed: "Packed", dist: Dist = Dist(), with_entropy: bool = False,
-                chunk_tokens: int = 0, share_prompts: bool | None = None):
+                chunk_tokens: int = 0, share_prompts: bool | None = None, entropy_grad: bool = False):
         return _score_lm(self.lm, packed, dist, with_entropy=with_entropy, chunk_tokens=chunk_tokens,
-                         share_prompts=share_prompts)
+                         share_prompts=share_prompts, entropy_grad=entropy_grad)
 
 
 def response_logits(model, packed: Packed, dist: Dist = Dist()) -> torch.Tensor:
@@ -315,9 +315,11 @@ def response_logits(model, packed: Packed, dist: Dist = Dist()) -> torch.Tensor:
 
 
 def score(model, packed: Packed, dist: Dist = Dist(), *, with_entropy: bool = False,
-          chunk_tokens: int = 0, share_prompts: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+          chunk_tokens: int = 0, share_prompts: bool | None = None,
+          entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi_s of every response token [B, T] (0 off the mask), and the sampling
-    distribution's entropy there (detached) or None.
+    distribution's entropy there or None. The entropy is detached (a metric) unless
+    `entropy_grad` (an entropy bonus in the loss).
 
     `model` is a causal LM, or a `ScoreModule` (bare, under DDP, or sharded by FSDP2),
     which is called through its forward so that the wrapper's hooks run.
@@ -327,13 +329,13 @@ def score(model, packed: Packed, dist: Dist = Dist(), *, with_entropy: bool = Fa
     """
     if isinstance(getattr(model, "module", model), ScoreModule):  # DDP keeps it as .module
         return model(packed, dist, with_entropy=with_entropy, chunk_tokens=chunk_tokens,
-                     share_prompts=share_prompts)
+                     share_prompts=share_prompts, entropy_grad=entropy_grad)
     return _score_lm(model, packed, dist, with_entropy=with_entropy, chunk_tokens=chunk_tokens,
-                     share_prompts=share_prompts)
+                     share_prompts=share_prompts, entropy_grad=entropy_grad)
 
 
 def _score_lm(model, packed: Packed, dist: Dist, *, with_entropy: bool, chunk_tokens: int,
-              share_prompts: bool | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+              share_prompts: bool | None, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     if share_prompts is None:
         share_prompts = can_share_prompts(model)
     hidden = (_hidden_shared if share_prompts else _hidden_full)(model, packed)
@@ -341,7 +343,8 @@ def _score_lm(model, packed: Packed, dist: Dist, *, with_entropy: bool, chunk_to
     h = hidden[mask]                                   # [N, H]
     targets = packed.response_ids[mask]                # [N]
     n = h.shape[0]
-    weight = output_layer.usable_weight(model, dist) if n else None
+    # The tiles give a detached entropy only; a differentiable one takes the plain path.
+    weight = output_layer.usable_weight(model, dist) if n and not (with_entropy and entropy_grad) else None
     if weight is not None:  # tiles of the logits only, in forward and backward (opo.output_layer)
         flat, ent = output_layer.head_scores(h, weight, targets, dist.temperature, with_entropy)
         return _unflatten(flat, mask), (_unflatten(ent, mask) if with_entropy else None)
@@ -352,6 +355,9 @@ def _score_lm(model, packed: Packed, dist: Dist, *, with_entropy: bool, chunk_to
         logits = head(h_c)
         if not with_entropy:
             return sampling.target_logprobs(logits, t_c, dist.temperature, dist.top_p, dist.top_k), None
+        if entropy_grad:
+            return (sampling.target_logprobs(logits, t_c, dist.temperature, dist.top_p, dist.top_k),
+                    sampling.entropy(logits, dist.temperature, dist.top_p, dist.top_k, grad=True))
         return sampling.target_logprobs_and_entropy(logits, t_c, dist.temperature, dist.top_p, dist.top_k)
 
     size = chunk_tokens if chunk_tokens and chunk_tokens < n else max(n, 1)

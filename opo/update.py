@@ -110,7 +110,7 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
             micro = mini.rows(idx)
             with timer("forward"), amp.autocast():
                 logp, entropy = score(model, micro, dist, with_entropy=True,
-                                      chunk_tokens=a.logprob_chunk_size)
+                                      chunk_tokens=a.logprob_chunk_size, entropy_grad=a.entropy_coef > 0)
                 weights = correction.weights(micro, logp, a.rollout_correction, a.correction_cap)
                 ref = None
                 if ref_model is not None:
@@ -137,7 +137,7 @@ def policy_update(model, optimizer, packed: Packed, advantages: torch.Tensor, cf
             micro_tokens = float(micro.response_mask.sum())
             clipped += st["clip_frac"] * micro_tokens
             stats["ratio_max"] = max(stats["ratio_max"], st["ratio_max"])
-            stats["entropy"] += float((entropy * micro.response_mask).sum()) / batch_tokens
+            stats["entropy"] += float((entropy.detach() * micro.response_mask).sum()) / batch_tokens
         if on_policy:
             mismatch.reduce(world)
             mismatch.check(mismatch_limit(cfg))

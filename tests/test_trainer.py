@@ -10,7 +10,7 @@ from opo import update as update_mod
 from opo.cli import main
 from opo.config import load_config
 from opo.precision import mismatch_limit
-from opo.sequences import pack, score
+from opo.sequences import Dist, pack, score
 from opo.trainer import TrainingError, train
 from opo.update import policy_update
 
@@ -74,6 +74,29 @@ def test_one_update_moves_logprobs_with_the_advantage_sign(micro_policy):
         after = (score(model, packed)[0] * packed.response_mask).sum(1)
     assert after[0] > before[0] and after[1] < before[1]
     assert stats["bad_updates"] == 0 and stats["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_an_entropy_bonus_raises_the_entropy(micro_policy, top_p):
+    """With zero advantages only the bonus moves the weights: up the entropy, and not at all
+    without it (the entropy the loss sees must carry a gradient, not only a value)."""
+    model, tok = micro_policy
+    packed = pack([[5, 6, 7], [5, 6, 7]], [[8, 9, 1], [10, 11, 1]], tok.pad_token_id)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    results = {}
+    for coef in (0.0, 0.5):
+        model.load_state_dict(start)
+        cfg = load_config("tiny", ["optim.lr=1e-2", f"algo.entropy_coef={coef}", f"rollout.top_p={top_p}",
+                                   "optim.weight_decay=0"])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=0.0)
+        mean_entropy = lambda: score(model, packed, Dist(top_p=top_p), with_entropy=True)[1][packed.response_mask.bool()].mean()
+        with torch.no_grad():
+            before = mean_entropy()
+        stats = policy_update(model, optimizer, packed, torch.zeros(2), cfg)
+        with torch.no_grad():
+            results[coef] = (mean_entropy() - before, stats["grad_norm"])
+    assert results[0.0] == (0.0, 0.0)
+    assert results[0.5][0] > 0 and results[0.5][1] > 0
 
 
 def test_on_policy_refuses_stale_responses(micro_model_dir, tmp_path, monkeypatch):
