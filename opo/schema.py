@@ -168,7 +168,9 @@ class AlgoConfig:
     logprob_chunk_size: int = doc(
         "Response tokens sent through the output layer at once when computing log-probs; more "
         "than one chunk means each is recomputed in the backward pass, so the logits in memory "
-        "never exceed [chunk, vocabulary]. 0 = all at once.", 4096)
+        "never exceed [chunk, vocabulary]. 0 = all at once. On a CPU, without top-k/top-p and "
+        "for a plain bias-free output layer, log-probs come from small tiles of the logits "
+        "instead (opo.output_layer) and this setting is not used.", 4096)
     rollout_correction: Literal["none", "token-tis", "token-mask", "sequence-tis", "sequence-mask"] = doc(
         "Reweighting of each token's policy-gradient term for the gap between the sampler's "
         "distribution π_s (its own log-probs, returned by every engine) and the trainer's π_θ, "
