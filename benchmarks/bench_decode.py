@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from machine import cpu_name  # noqa: E402  (benchmarks/machine.py, beside this script)
+from machine import kernel_bench_args  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]  # (out, in)
 
@@ -39,11 +39,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="32,20,8")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"machine: {cpu_name()}, {args.threads} threads; {time.strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}")
+    args = kernel_bench_args(parser, repeats=5)
     print("| dtype | rows | plain ms/step | packed ms/step | plain / packed |")
     print("|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):

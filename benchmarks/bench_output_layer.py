@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from machine import cpu_name  # noqa: E402  (benchmarks/machine.py, beside this script)
+from machine import kernel_bench_args  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 HIDDEN, VOCAB = 576, 49152
 
@@ -52,11 +52,7 @@ def run_once(fn, h, w, t, coef, bf16: bool):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", default="1000,4000")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"machine: {cpu_name()}, {args.threads} threads; {time.strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}")
+    args = kernel_bench_args(parser, repeats=5)
     print("| dtype | tokens | plain s (best / median) | tiled s (best / median) | plain / tiled (best) "
           "| max abs diff logp | rel diff grad weight |")
     print("|---|---|---|---|---|---|---|")

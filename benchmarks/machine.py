@@ -15,3 +15,20 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def kernel_bench_args(parser, repeats: int):
+    """The common part of the kernel micro-benchmarks (bench_decode, bench_output_layer,
+    bench_attention): `--repeats` and `--threads` (2) added and parsed, torch's thread count
+    set, and the machine line printed. Returns the parsed arguments."""
+    import time
+
+    import torch
+
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"machine: {cpu_name()}, {args.threads} threads; {time.strftime('%Y-%m-%d %H:%M')}; "
+          f"torch {torch.__version__}")
+    return args
