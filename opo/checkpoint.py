@@ -138,8 +138,8 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, state: 
             save_file(trainable, str(tmp / "model.safetensors"), metadata=PT_FORMAT)
         else:
             save_model(model, str(tmp / "model.safetensors"), metadata=PT_FORMAT)
-        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state,
-                   tmp / "optimizer.pt")
+        _save_torch(optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                    tmp / "optimizer.pt")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                   str(tmp / "tensors.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(state))
@@ -157,6 +157,16 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, state: 
     for _, old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _save_torch(obj, path: Path) -> None:
+    """torch.save, with a failed write reported as the OSError it is: torch's zip writer
+    raises a RuntimeError ("[enforce fail at inline_container.cc:...] unexpected pos ...")
+    when the disk fills up under it."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        raise OSError(f"writing {path.name} failed, is the disk full? ({exc})") from exc
 
 
 def lock_run_dir(run_dir: Path):

@@ -72,24 +72,35 @@ def test_sigterm_saves_and_exits_cleanly(micro_model_dir, tmp_path):
     assert 1 <= step < 400 and len(_rows(run)) == step + 1  # plus the step-0 evaluation row
 
 
-def test_disk_full_keeps_the_previous_checkpoint(micro_model_dir, tmp_path, monkeypatch):
+# How a full disk shows: safetensors raises OSError; torch.save's zip writer a RuntimeError
+# (this message is the one it gave when the disk filled up during a save on 2026-12-06).
+FULL_DISK = {"weights": ("save_model", OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+             "optimizer": ("torch.save", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                                                      "113310912 vs 113310800"), "is the disk full?")}
+
+
+@pytest.mark.parametrize("where", sorted(FULL_DISK))
+def test_disk_full_keeps_the_previous_checkpoint(micro_model_dir, tmp_path, monkeypatch, where):
     run = tmp_path / "run"
     cfg = load_config("tiny", micro_overrides(micro_model_dir, run, **{"checkpoint.every": 1,
                                                                          "trainer.steps": 3}))
-    real_save = ckpt.save_model
+    name, error, expected = FULL_DISK[where]
+    target = ckpt if name == "save_model" else ckpt.torch
+    name = name.split(".")[-1]
+    real_save = getattr(target, name)
     calls = {"n": 0}
 
-    def full_disk(model, path, **kwargs):
+    def full_disk(obj, path, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(model, path, **kwargs)
+            raise error
+        return real_save(obj, path, **kwargs)
 
-    monkeypatch.setattr(ckpt, "save_model", full_disk)
+    monkeypatch.setattr(target, name, full_disk)
     with pytest.raises(ckpt.CheckpointError) as err:
         train(cfg, log=lambda *a: None)
     message = str(err.value)
-    assert "step 2" in message and "No space left on device" in message
+    assert "step 2" in message and expected in message
     assert "step_1 is intact" in message
     assert [p.name for _, p in ckpt.list_checkpoints(run)] == ["step_1"]
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
