@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import torch
 
+from opo.precision import autocast_low_dtype
+
 NAME = "opo_sdpa"
 
 
 def _attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    device = query.device.type
-    if device == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled(device):
-        low = torch.get_autocast_dtype(device)
-        if low in (torch.bfloat16, torch.float16) and any(t.requires_grad for t in (query, key, value)):
-            run = lambda q, k, v: sdpa_attention_forward(module, q, k, v, attention_mask, **kwargs)[0]
-            return _FloatBackward.apply(run, low, query, key, value), None
+    low = autocast_low_dtype(query.device.type) if query.device.type == "cpu" else None
+    if low is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        run = lambda q, k, v: sdpa_attention_forward(module, q, k, v, attention_mask, **kwargs)[0]
+        return _FloatBackward.apply(run, low, query, key, value), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -37,6 +37,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from opo.precision import autocast_low_dtype
+
 # Tile sizes, measured on a 2-core Xeon (AMX) with SmolLM2's output layer: a [1024, 2048]
 # float32 tile is 8 MB, big enough for efficient products and small enough to stay in the
 # allocator's cache. Larger vocabulary tiles were slower there (the element-wise passes fall
@@ -79,8 +81,7 @@ def head_scores(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: fl
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 for a sampling distribution, got {temperature}")
-    device = hidden.device.type
-    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    compute = autocast_low_dtype(hidden.device.type) or weight.dtype
     return _HeadScores.apply(hidden, weight, targets, float(temperature), compute, with_entropy,
                              max(int(token_block), 1), max(int(vocab_block), 1))
 

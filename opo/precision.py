@@ -60,6 +60,16 @@ AUTO_MISMATCH = {"float32": 1e-3, "bfloat16": 1.0, "float16": 0.2}
 AUTO_MISMATCH_KL = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-3}
 
 
+def autocast_low_dtype(device_type: str) -> torch.dtype | None:
+    """The low-precision dtype autocast computes in on this device right now (bf16 or fp16),
+    or None when autocast is off there (or set to float32). Code that must match what the
+    policy's forward computes under `Precision.autocast` reads it here."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    return None if dtype == torch.float32 else dtype
+
+
 class Precision:
     """How the policy's parameters are stored and its forwards computed.
 

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from opo import output_layer, sampling
 from opo.models import cache_kwarg
+from opo.precision import autocast_low_dtype
 
 
 @dataclass(frozen=True)
@@ -210,8 +211,7 @@ def _pass_overhead(like: torch.Tensor) -> int:
     autocast each token costs less and a pass's fixed cost (per-layer calls, the weights'
     gradients of one more pass) counts for more: on SmolLM2 at 32 rows, a 2-core Xeon
     (AMX) scored and back-propagated fastest at 96 under bf16 and at about 32 in float32."""
-    device = like.device.type
-    return 96 if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != torch.float32 else 32
+    return 96 if autocast_low_dtype(like.device.type) else 32
 
 
 def is_sharded(module: torch.nn.Module) -> bool:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from opo import attention
+from opo.precision import autocast_low_dtype
 
 # Decoder families whose layers compute, token by token, exactly what `step` computes:
 # pre-norm residual blocks of RMSNorm, rotary self-attention (q/k/v/o projections, biases
@@ -149,10 +150,7 @@ class FusedDecoder:
     def __init__(self, model, rows_hint: int = 32):
         decoder = model.get_decoder()
         device_type = next(model.parameters()).device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-        else:
-            dtype = decoder.layers[0].self_attn.q_proj.weight.dtype
+        dtype = autocast_low_dtype(device_type) or decoder.layers[0].self_attn.q_proj.weight.dtype
         self.embed = decoder.get_input_embeddings()
         self.rotary = decoder.rotary_emb
         self.norm = decoder.norm
