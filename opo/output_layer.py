@@ -86,9 +86,9 @@ def head_scores(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: fl
                              max(int(token_block), 1), max(int(vocab_block), 1))
 
 
-def _tile_logits(h: Tensor, w: Tensor, compute: torch.dtype, temperature: float) -> Tensor:
-    """z = h @ w.T / T for one tile, as float32 [n, v]."""
-    z = (h @ w.to(compute).T).float()
+def _tile_logits(h: Tensor, w: Tensor, temperature: float) -> Tensor:
+    """z = h @ w.T / T for one tile (h and w in the compute dtype), as float32 [n, v]."""
+    z = (h @ w.T).float()
     if temperature != 1.0:
         z.div_(temperature)
     return z
@@ -105,10 +105,11 @@ class _HeadScores(torch.autograd.Function):
         targets = targets.long()
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             h_all = hidden.to(compute)
-            for lo in range(0, n, token_block):
-                h, t = h_all[lo:lo + token_block], targets[lo:lo + token_block]
-                for j, v0 in enumerate(starts):
-                    z = _tile_logits(h, weight[v0:v0 + vocab_block], compute, temperature)
+            for j, v0 in enumerate(starts):
+                w = weight[v0:v0 + vocab_block].to(compute)  # each weight tile cast once
+                for lo in range(0, n, token_block):
+                    h, t = h_all[lo:lo + token_block], targets[lo:lo + token_block]
+                    z = _tile_logits(h, w, temperature)
                     lse = torch.logsumexp(z, dim=-1, keepdim=True)
                     tile_lse[lo:lo + len(h), j] = lse.squeeze(-1)
                     here = ((t >= v0) & (t < v0 + z.shape[1])).nonzero().squeeze(-1)
@@ -147,7 +148,7 @@ class _HeadScores(torch.autograd.Function):
                 tile_grad_weight = None
                 for lo in range(0, n, token_block):
                     h, t = h_all[lo:lo + token_block], targets[lo:lo + token_block]
-                    p = _tile_logits(h, w, compute, temperature).sub_(lse[lo:lo + len(h), None]).exp_()
+                    p = _tile_logits(h, w, temperature).sub_(lse[lo:lo + len(h), None]).exp_()
                     here = ((t >= v0) & (t < v0 + w.shape[0])).nonzero().squeeze(-1)
                     p[here, t[here] - v0] -= 1.0                  # p - onehot
                     grad_z = torch.empty(p.shape, dtype=compute, device=p.device)
