@@ -210,7 +210,8 @@ def _pass_overhead(like: torch.Tensor) -> int:
     """`length_buckets`' cost of one more decoder pass, in padded tokens. Under bf16/fp16
     autocast each token costs less and a pass's fixed cost (per-layer calls, the weights'
     gradients of one more pass) counts for more: on SmolLM2 at 32 rows, a 2-core Xeon
-    (AMX) scored and back-propagated fastest at 96 under bf16 and at about 32 in float32."""
+    (AMX) scored and back-propagated fastest at 96 under bf16, and float32 was flat from
+    32 to 160 (benchmarks/bench_buckets.py)."""
     return 96 if autocast_low_dtype(like.device.type) else 32
 
 
