@@ -96,3 +96,54 @@ def test_joint_logprobs_and_entropy_equal_the_separate_ones(temperature, top_p, 
     g1, = torch.autograd.grad(logp.sum(), logits)
     g2, = torch.autograd.grad(expect.sum(), logits)
     assert torch.allclose(g1, g2, atol=1e-6)
+
+
+def test_two_level_draw_follows_the_weights_across_blocks():
+    """Over a vocabulary of several blocks and a shorter last one, the two-level draw's
+    frequencies match the weights, and entries of weight 0 (a whole block of them, and
+    some beside the block borders) are never drawn."""
+    from opo.sampling import SAMPLE_BLOCK, inverse_cdf_draw
+
+    size = 2 * SAMPLE_BLOCK + 37
+    torch.manual_seed(4)
+    weights = torch.zeros(size)
+    hot = torch.tensor([0, 5, SAMPLE_BLOCK - 1, SAMPLE_BLOCK + 1, 2 * SAMPLE_BLOCK + 3, size - 2])
+    weights[hot] = torch.tensor([0.5, 2.0, 1.0, 3.0, 1.5, 2.0])
+    weights[SAMPLE_BLOCK + 50:SAMPLE_BLOCK + 60] = 0.1  # a spread of small ones in block 1
+    draws = 60_000
+    idx, total = inverse_cdf_draw(weights.expand(draws, -1).contiguous())
+    assert torch.allclose(total, weights.double().sum().expand(draws))
+    freq = torch.bincount(idx, minlength=size).double() / draws
+    probs = weights.double() / weights.double().sum()
+    assert (freq[probs == 0] == 0).all()
+    assert (freq - probs).abs().max() < 0.011  # ~5 standard errors at p = 0.3
+
+
+@pytest.mark.parametrize("u", [0.0, 1.0])
+def test_two_level_draw_at_both_ends_of_the_cdf(monkeypatch, u):
+    """u = 0 draws the first entry with weight, u at the total the last one, whatever the
+    zero-weight entries and blocks around them."""
+    from opo.sampling import SAMPLE_BLOCK, inverse_cdf_draw
+
+    weights = torch.zeros(3, 3 * SAMPLE_BLOCK)
+    weights[:, SAMPLE_BLOCK + 7] = 1.0
+    weights[:, 2 * SAMPLE_BLOCK - 1] = 2.0
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.full(*shape, u, dtype=kw.get("dtype")))
+    idx, _ = inverse_cdf_draw(weights)
+    assert idx.tolist() == [SAMPLE_BLOCK + 7 if u == 0 else 2 * SAMPLE_BLOCK - 1] * 3
+
+
+def test_sampled_logprob_is_that_of_the_filtered_distribution():
+    """The log-probability `sample` returns for each draw equals the filtered log-softmax at
+    the drawn token, for bf16 and float32 logits, with and without filtering, and the
+    logits passed in are not changed (the draw works in place only on its own copy)."""
+    torch.manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(16, 3 * 256 + 11) * 3).to(dtype)
+        before = logits.clone()
+        for t, p, k in [(1.0, 1.0, 0), (0.7, 1.0, 0), (1.0, 0.8, 40)]:
+            tokens, logp = sample(logits, t, p, k)
+            assert torch.equal(logits, before)  # the caller's logits are left alone
+            expect = torch.log_softmax(filter_logits(logits, t, p, k), -1).gather(-1, tokens[:, None]).squeeze(-1)
+            assert torch.allclose(logp, expect, atol=1e-5)
+            assert logits.dtype == dtype and torch.isfinite(logp).all()
