@@ -14,13 +14,15 @@ layout. `FusedDecoder` computes the same function with:
 - on a CPU, weights packed once per call into oneDNN's blocked layout, which its matrix
   product reads fastest;
 - attention by `scaled_dot_product_attention` over the preallocated cache, the query heads
-  of each grouped key/value head passed as that head's rows, so nothing is copied.
+  of each grouped key/value head passed as that head's rows, so nothing is copied;
+- the rotary embedding applied to the query and key heads in one go, and autocast's casts
+  made explicitly (the body runs with autocast off, one dispatch fewer per kernel).
 
-Everything else is the model's own code: its embedding, RMSNorm modules, rotary embedding,
-`apply_rotary_pos_emb`, activation and output layer, called in the order and under the
-autocast context of transformers' forward, so the result is that forward's up to the
-rounding of a matrix product (tested against it). The prompt pass stays transformers'
-forward; only single-token steps come here.
+Everything else is the model's own code: its embedding, RMSNorm modules, rotary tables,
+activation and output layer, called in the order of transformers' forward, with the casts
+autocast would make there and the family's rotary formula element by element, so the result
+is that forward's up to the rounding of a matrix product (tested against it). The prompt
+pass stays transformers' forward; only single-token steps come here.
 
 A model this does not recognise (another architecture, LoRA-wrapped projections, weights
 sharded as DTensors, sliding-window attention) gets `None` from `FusedDecoder.build`, and
@@ -28,8 +30,6 @@ the engine calls transformers' forward at every step as before.
 """
 
 from __future__ import annotations
-
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,7 @@ class _Layer:
         self.gate_up = _Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), None, dtype, rows_hint)
         self.down = _Linear(mlp.down_proj.weight, None, dtype, rows_hint)
         self.q_size = attn.q_proj.out_features
+        self.q_heads = self.q_size // attn.head_dim
         self.kv_size = attn.k_proj.out_features
         self.intermediate = mlp.gate_proj.out_features
         self.head_dim = attn.head_dim
@@ -151,14 +152,13 @@ class FusedDecoder:
         decoder = model.get_decoder()
         device_type = next(model.parameters()).device.type
         dtype = autocast_low_dtype(device_type) or decoder.layers[0].self_attn.q_proj.weight.dtype
+        self.device_type, self.dtype = device_type, dtype
         self.embed = decoder.get_input_embeddings()
         self.rotary = decoder.rotary_emb
         self.norm = decoder.norm
         self.layers = [_Layer(layer, dtype, rows_hint) for layer in decoder.layers]
         head = model.get_output_embeddings()
         self.head = _Linear(head.weight, head.bias, dtype, rows_hint)
-        # The model's own rotary maths, so positions rotate exactly as in its forward.
-        self.apply_rotary = sys.modules[type(decoder.layers[0].self_attn).__module__].apply_rotary_pos_emb
 
     @classmethod
     def build(cls, model, rows_hint: int = 32) -> "FusedDecoder | None":
@@ -174,30 +174,45 @@ class FusedDecoder:
         positions (this token's included, last) each row attends to; cache_layers: the
         `PreallocatedLayer`s of the prompt pass, extended here by one position.
         """
-        b = tokens.shape[0]
+        # Autocast's casts are made explicitly below (each product's input, attention's
+        # inputs), so the body runs with autocast off: the same values, one dispatch fewer
+        # for each of the step's ~1,000 small kernels.
+        with torch.autocast(self.device_type, enabled=False):
+            return self._step(tokens, positions, key_mask, cache_layers)
+
+    def _step(self, tokens, positions, key_mask, cache_layers):
+        b, dtype = tokens.shape[0], self.dtype
         x = self.embed(tokens)                                         # [B, H]
         cos, sin = self.rotary(x, positions[:, None])                  # [B, 1, D]
-        mask = key_mask[:, None, None, :]                              # [B, 1, 1, S]
+        cos, sin = cos[:, None], sin[:, None]                          # [B, 1, 1, D]: one per head
+        # The boolean mask as the additive one attention makes of it, once rather than per layer.
+        mask = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
+        mask = mask.masked_fill_(~key_mask, float("-inf"))[:, None, None, :]         # [B, 1, 1, S]
         for layer, cache in zip(self.layers, cache_layers):
-            h = layer.norm_in(x)
-            qkv = layer.qkv(h)
-            d, q_end = layer.head_dim, layer.q_size
-            k_end = q_end + layer.kv_size
-            q = qkv[:, :q_end].view(b, -1, 1, d)
-            k = qkv[:, q_end:k_end].view(b, -1, 1, d)
-            v = qkv[:, k_end:].view(b, -1, 1, d)
-            q, k = self.apply_rotary(q, k, cos, sin)
-            keys, values = cache.update(k, v)
+            qkv = layer.qkv(layer.norm_in(x))
+            d, q_heads, k_end = layer.head_dim, layer.q_heads, layer.q_size + layer.kv_size
+            # Query and key heads rotated together (the family's formula, element by element),
+            # then cast once: the cast autocast gives attention's query and the cache its keys.
+            qk = qkv[:, :k_end].view(b, -1, 1, d)
+            qk = (qk * cos + _rotate_half(qk) * sin).to(dtype)
+            keys, values = cache.update(qk[:, q_heads:], qkv[:, k_end:].view(b, -1, 1, d))
             # The query heads that share a key/value head, as that head's `groups` query rows
             # (query head i reads key/value head i // groups, as in grouped-query attention).
             # All rows sit at this one position, so the key mask applies to each. The CPU
             # flash kernel then takes a head's queries as one block: per call 2.0x (bf16) and
             # 1.5x (fp32) faster than enable_gqa's one query per head at 32 rows
             # (benchmarks/bench_attention.py; a whole 64-token rollout, bf16: 4% faster).
-            groups = q.shape[1] // keys.shape[1]
-            o = F.scaled_dot_product_attention(q.reshape(b, keys.shape[1], groups, d), keys, values,
-                                               attn_mask=mask, scale=layer.scaling)
+            kv_heads = keys.shape[1]
+            o = F.scaled_dot_product_attention(qk[:, :q_heads].reshape(b, kv_heads, q_heads // kv_heads, d),
+                                               keys.to(dtype), values.to(dtype), attn_mask=mask,
+                                               scale=layer.scaling)
             x = x + layer.o(o.reshape(b, -1))
             gate_up = layer.gate_up(layer.norm_post(x))
             x = x + layer.down(layer.act(gate_up[:, :layer.intermediate]) * gate_up[:, layer.intermediate:])
         return self.head(self.norm(x))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The last dimension's halves swapped, the new first half negated: Llama's `rotate_half`."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
