@@ -35,9 +35,8 @@ def _mistral():
 
 
 def _step_both_ways(model, steps=6):
-    """Logits of a left-padded prompt pass and of `steps` decode steps after it: transformers'
-    forward on one cache, the fused decoder (`prefill`, then `step`) on a twin cache, fed the
-    same tokens. [steps + 1, B, V] each, the prompt pass's first."""
+    """Logits of `steps` decode steps after a left-padded prompt pass: transformers' forward
+    on one cache, the fused step on a twin cache, fed the same tokens."""
     prompts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
@@ -47,13 +46,13 @@ def _step_both_ways(model, steps=6):
     for _ in range(2):
         cache = DynamicCache(config=model.config)
         cache.layers = [PreallocatedLayer(width + steps) for _ in cache.layers]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
         caches.append(cache)
     decoder = FusedDecoder.build(model, rows_hint=len(prompts))
     assert decoder is not None
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=caches[0],
-                   use_cache=True, logits_to_keep=1).logits[:, -1]
-    reference, fused = [logits.float()], [decoder.prefill(ids, pos, mask.bool(), caches[1].layers).float()]
     next_pos = pos[:, -1] + 1
+    reference, fused = [], []
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
         token = torch.multinomial(logits.float().softmax(-1), 1, generator=gen).squeeze(-1)
@@ -63,13 +62,6 @@ def _step_both_ways(model, steps=6):
         reference.append(logits.float())
         fused.append(decoder.step(token, next_pos, mask.bool(), caches[1].layers).float())
         next_pos = next_pos + 1
-    # The prompt pass left the same keys and values at the real (unpadded) positions.
-    real = mask[:, :width].bool()
-    for ref_layer, fused_layer in zip(caches[0].layers, caches[1].layers):
-        for a, b in ((ref_layer.keys, fused_layer.keys), (ref_layer.values, fused_layer.values)):
-            a, b = a[..., :width, :].transpose(1, 2)[real], b[..., :width, :].transpose(1, 2)[real]
-            low = torch.bfloat16 in (a.dtype, b.dtype)  # under bf16 the fused cache holds bf16 keys
-            torch.testing.assert_close(b.float(), a.float(), atol=1e-2 if low else 2e-5, rtol=8e-3 if low else 1e-5)
     return torch.stack(reference), torch.stack(fused)
 
 
@@ -155,21 +147,3 @@ def test_bf16_cache_holds_what_attention_reads(micro_policy, monkeypatch, fused)
             out.append(engine.generate(prompts, params))
     assert fast._attention_dtype.__name__ == "<lambda>"  # the second run really stored fp32 keys
     assert out[0].response_ids == out[1].response_ids and out[0].logprobs == out[1].logprobs
-
-
-def test_prompt_pass_mask_is_causal_over_real_tokens_and_never_empty():
-    """The additive mask of a left-padded prompt pass: a real token sees the real tokens up
-    to its own; a padding token sees only itself (an empty row is NaN in some kernels)."""
-    from opo.rollout.fused import _additive_mask
-
-    key_mask = torch.tensor([[False, False, True, True], [True, True, True, True]])
-    mask = _additive_mask(key_mask, 4, torch.float32)
-    assert mask.shape == (2, 1, 4, 4)
-    seen = torch.isfinite(mask[:, 0])
-    causal = torch.ones(4, 4, dtype=torch.bool).tril()
-    expect = causal & key_mask[:, None, :]
-    expect[0, 0, 0] = expect[0, 1, 1] = True  # the padding rows, themselves only
-    assert torch.equal(seen, expect)
-    # A single new token (a decode step) sees every unpadded position, itself included.
-    step = _additive_mask(key_mask, 1, torch.bfloat16)
-    assert step.dtype == torch.bfloat16 and torch.equal(torch.isfinite(step[:, 0, 0]), key_mask)

@@ -69,11 +69,7 @@ class FastEngine(LocalEngine):
             # values into a new tensor at every token (a quarter of a SmolLM2 decode step).
             cache.layers = [PreallocatedLayer(ids.shape[1] + budget, _attention_dtype(device))
                             for _ in cache.layers]
-        # One prompt pass per prompt.
-        if decoder is not None and preallocated:
-            logits = decoder.prefill(ids, positions, mask.bool(), cache.layers)
-        else:
-            logits = self._forward(ids, mask, positions, cache)
+        logits = self._forward(ids, mask, positions, cache)  # one prefill per prompt
         if n > 1:
             cache.batch_repeat_interleave(n)
             logits, mask = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)

@@ -22,7 +22,10 @@ Everything else is the model's own code: its embedding, RMSNorm modules, rotary 
 activation and output layer, called in the order of transformers' forward, with the casts
 autocast would make there and the family's rotary formula element by element, so the result
 is that forward's up to the rounding of a matrix product (tested against it). The prompt
-pass runs here too (`prefill`), with the weights already cast and packed.
+pass stays transformers' forward, the very computation the trainer's prompt pass makes:
+running it here too (with the packed products) was tried and dropped: it saved ~25 ms of a
+SmolLM2 rollout and raised the bf16 sampler/trainer mismatch by about 7%, the prompt's keys
+and values no longer being those the trainer computes. Only single-token steps come here.
 
 A model this does not recognise (another architecture, LoRA-wrapped projections, weights
 sharded as DTensors, sliding-window attention) gets `None` from `FusedDecoder.build`, and
@@ -184,71 +187,38 @@ class FusedDecoder:
         # inputs), so the body runs with autocast off: the same values, one dispatch fewer
         # for each of the step's ~1,000 small kernels.
         with torch.autocast(self.device_type, enabled=False):
-            return self._forward(tokens[:, None], positions[:, None], key_mask, cache_layers)
+            return self._step(tokens, positions, key_mask, cache_layers)
 
-    @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
-                cache_layers: list) -> torch.Tensor:
-        """Logits [B, V] for the first token after left-padded prompts ids [B, P].
-
-        positions [B, P]: position ids; key_mask [B, P] bool: the real (not padding) tokens;
-        cache_layers: empty `PreallocatedLayer`s, which receive the prompts' keys and values.
-        The prompt pass with the weights this decoder already holds in the compute dtype:
-        transformers' forward under autocast would cast all of them again.
-        """
-        with torch.autocast(self.device_type, enabled=False):
-            return self._forward(ids, positions, key_mask, cache_layers)
-
-    def _forward(self, tokens, positions, key_mask, cache_layers):
-        b, t = tokens.shape
-        dtype = self.dtype
-        x = self.embed(tokens).flatten(0, 1)                           # [B*T, H]
-        cos, sin = self.rotary(x, positions)                           # [B, T, D]
-        cos, sin = cos[:, :, None], sin[:, :, None]                    # [B, T, 1, D]: one per head
-        mask = _additive_mask(key_mask, t, dtype)                      # [B, 1, T, S]
-        row_masks = {}  # the mask repeated for each query head of a group, per group size
+    def _step(self, tokens, positions, key_mask, cache_layers):
+        b, dtype = tokens.shape[0], self.dtype
+        x = self.embed(tokens)                                         # [B, H]
+        cos, sin = self.rotary(x, positions[:, None])                  # [B, 1, D]
+        cos, sin = cos[:, None], sin[:, None]                          # [B, 1, 1, D]: one per head
+        # The boolean mask as the additive one attention makes of it, once rather than per layer.
+        mask = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
+        mask = mask.masked_fill_(~key_mask, float("-inf"))[:, None, None, :]         # [B, 1, 1, S]
         for layer, cache in zip(self.layers, cache_layers):
             qkv = layer.qkv(layer.norm_in(x))
             d, q_heads, k_end = layer.head_dim, layer.q_heads, layer.q_size + layer.kv_size
             # Query and key heads rotated together (the family's formula, element by element),
             # then cast once: the cast autocast gives attention's query and the cache its keys.
-            qk = qkv[:, :k_end].view(b, t, -1, d)
-            qk = (qk * cos + _rotate_half(qk) * sin).to(dtype).transpose(1, 2)   # [B, heads, T, D]
-            keys, values = cache.update(qk[:, q_heads:], qkv[:, k_end:].view(b, t, -1, d).transpose(1, 2))
-            # The query heads that share a key/value head, as that head's `groups` x T query
-            # rows (query head i reads key/value head i // groups, as in grouped-query
-            # attention), each row under its own position's mask. For a single token this
-            # is a view, and the CPU flash kernel takes a head's queries as one block: per
-            # call 2.0x (bf16) and 1.5x (fp32) faster than enable_gqa's one query per head
-            # at 32 rows (benchmarks/bench_attention.py).
+            qk = qkv[:, :k_end].view(b, -1, 1, d)
+            qk = (qk * cos + _rotate_half(qk) * sin).to(dtype)
+            keys, values = cache.update(qk[:, q_heads:], qkv[:, k_end:].view(b, -1, 1, d))
+            # The query heads that share a key/value head, as that head's `groups` query rows
+            # (query head i reads key/value head i // groups, as in grouped-query attention).
+            # All rows sit at this one position, so the key mask applies to each. The CPU
+            # flash kernel then takes a head's queries as one block: per call 2.0x (bf16) and
+            # 1.5x (fp32) faster than enable_gqa's one query per head at 32 rows
+            # (benchmarks/bench_attention.py; a whole 64-token rollout, bf16: 4% faster).
             kv_heads = keys.shape[1]
-            groups = q_heads // kv_heads
-            if groups not in row_masks:
-                row_masks[groups] = mask if t == 1 else mask.repeat(1, 1, groups, 1)
-            o = F.scaled_dot_product_attention(qk[:, :q_heads].reshape(b, kv_heads, groups * t, d),
-                                               keys.to(dtype), values.to(dtype), attn_mask=row_masks[groups],
+            o = F.scaled_dot_product_attention(qk[:, :q_heads].reshape(b, kv_heads, q_heads // kv_heads, d),
+                                               keys.to(dtype), values.to(dtype), attn_mask=mask,
                                                scale=layer.scaling)
-            x = x + layer.o(o.view(b, q_heads, t, d).transpose(1, 2).reshape(b * t, -1))
+            x = x + layer.o(o.reshape(b, -1))
             gate_up = layer.gate_up(layer.norm_post(x))
             x = x + layer.down(layer.act(gate_up[:, :layer.intermediate]) * gate_up[:, layer.intermediate:])
-        return self.head(self.norm(x.view(b, t, -1)[:, -1]))
-
-
-def _additive_mask(key_mask: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, 1, T, S] additive attention mask (0 or -inf, in `dtype`) for T new tokens, the last T
-    of the S cache positions, from key_mask [B, S] (False: padding). Each new token sees the
-    unpadded positions up to its own, and always itself: a left-padding query would see
-    nothing otherwise, and some of torch's attention kernels return NaN for such a row (the
-    CPU flash kernel returns zeros); the row's output is never used, and its key is masked
-    for every real token. Made once per forward, not by attention in every layer."""
-    allowed = key_mask[:, None, :]                                     # [B, 1, S]
-    if t > 1:
-        s = key_mask.shape[1]
-        keys = torch.arange(s, device=key_mask.device)
-        queries = torch.arange(s - t, s, device=key_mask.device)[:, None]
-        allowed = (allowed & (keys <= queries)) | (keys == queries)    # [B, T, S]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device)
-    return mask.masked_fill_(~allowed, float("-inf"))[:, None]
+        return self.head(self.norm(x))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
