@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--opo-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra opo config override (repeatable), e.g. algo.micro_batch_size=8")
     ap.add_argument("--skip-machine", action="store_true", help="do not measure matmul/bandwidth peaks")
-    ap.add_argument("--work-dir", default="", help="keep prompts, configs, logs and run folders here")
+    ap.add_argument("--work-dir", default="", help="keep prompts, configs, logs and run folders (with their "
+                    "checkpoints) here; without it, a temporary folder whose weight files are deleted")
     ap.add_argument("--child", nargs=2, metavar=("SIDE", "SPEC"), help=argparse.SUPPRESS)
     return ap
 
@@ -676,6 +677,14 @@ def trl_phase_series(step_seconds: list[float], records: list) -> dict[str, tupl
     }
 
 
+def _drop_weights(folder: Path) -> None:
+    """Delete the weight and optimizer files a side's run left under `folder` (the final
+    model and checkpoints, ~2 GB for SmolLM2); logs and metrics stay."""
+    for path in folder.rglob("*"):
+        if path.is_file() and path.suffix in (".safetensors", ".pt", ".bin", ".pth"):
+            path.unlink(missing_ok=True)
+
+
 def summarise(side: dict, warmup: int, timed: int, prompt_tokens_per_step: list[int],
               sequences_per_step: int) -> dict:
     """Median s/step, lengths, token rates and phase medians over the timed steps."""
@@ -696,7 +705,13 @@ def summarise(side: dict, warmup: int, timed: int, prompt_tokens_per_step: list[
         raise ValueError("a timed step has no response length logged")
     generated = [length * sequences_per_step for length in t_lengths]
     t_prompt = timed_slice(prompt_tokens_per_step, warmup, timed)
+    mismatch = {}
+    if side.get("side") == "opo":  # the sampler against the trainer, per timed step
+        timed_rows = timed_slice(side["rows"], warmup, timed)
+        mismatch = {k: [r[k] for r in timed_rows if r.get(k) is not None]
+                    for k in ("logp_mismatch_mean", "logp_mismatch_max", "mismatch_kl")}
     return {
+        "mismatch": mismatch,
         "median_s": median(t_seconds),
         "step_seconds": t_seconds,
         "mean_length": sum(t_lengths) / len(t_lengths),
@@ -826,6 +841,8 @@ def run_pair(model_key: str, dtype: str, args, work: Path, machine: dict | None,
                 res["summary"] = summarise(res, args.warmup, args.steps, per_step, prompts_per_step * k)
             except (KeyError, ValueError) as exc:
                 res["error"] = f"could not read its step records: {exc}"
+        if not args.work_dir:  # a temporary folder: its checkpoints (~2 GB a run) are not kept
+            _drop_weights(out_dir)
         if "error" in res:
             print(f"   {side}: could not run: {res['error']}")
         else:
@@ -887,6 +904,12 @@ def print_pair(pair: dict, machine: dict | None) -> dict:
                   + "; ".join(f"{k} {p['seconds']:.2f} [{p['kind']}]" for k, p in phases.items()))
         else:
             print(f"   {label} phases: none reported (only whole-step time)")
+        mismatch = r["summary"].get("mismatch") or {}
+        if all(mismatch.get(k) for k in ("logp_mismatch_mean", "mismatch_kl")):
+            span = lambda v, f: f"{min(v):{f}}-{max(v):{f}}"
+            print(f"   {label} sampler/trainer mismatch over the timed steps: logp_mismatch_mean "
+                  f"{span(mismatch['logp_mismatch_mean'], '.2e')}, logp_mismatch_max "
+                  f"{span(mismatch['logp_mismatch_max'], '.2e')}, mismatch_kl {span(mismatch['mismatch_kl'], '.2e')}")
         executed = executed_training_flops(side, pair["n_params"], r["summary"], pair["k"], pair["trl_checkpointing"])
         for line in flop_report(label, r["summary"], pair["n_params"], machine, pair["dtype"], pair["batch"],
                                 executed):
