@@ -132,7 +132,7 @@ def sample(logits: Tensor, temperature: float, top_p: float = 1.0, top_k: int = 
     # Unnormalised probabilities, 0 outside the support: in place when z is a fresh tensor
     # (one [B, V] float32 tensor fewer to allocate and fault in at every decode step).
     fresh = z.data_ptr() != logits.data_ptr()
-    weights = z.sub_(top).exp_() if fresh else torch.exp(z - top)
+    weights = (z.sub_(top) if fresh else z - top).exp_()
     tokens, total = inverse_cdf_draw(weights, generator)
     # A drawn token is inside the support, so its filtered logit is its scaled logit.
     drawn = _scaled(logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), temperature)
