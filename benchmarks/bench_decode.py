@@ -14,24 +14,17 @@ step (best of `--repeats`) and the ratio.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
-from machine import kernel_bench_args  # noqa: E402  (benchmarks/machine.py, beside this script)
+from machine import call_times_ms, kernel_bench_args  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]  # (out, in)
 
 
 def best_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    return min(call_times_ms(fn, repeats))
 
 
 def main() -> None:

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from machine import kernel_bench_args  # noqa: E402  (benchmarks/machine.py, beside this script)
+from machine import call_times_ms, kernel_bench_args  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 VOCAB = 49152
 
@@ -36,14 +35,7 @@ def flat_draw(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def median_ms(fn, repeats: int) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return statistics.median(call_times_ms(fn, repeats, warmup=5))
 
 
 def main() -> None:

@@ -32,3 +32,17 @@ def kernel_bench_args(parser, repeats: int):
     print(f"machine: {cpu_name()}, {args.threads} threads; {time.strftime('%Y-%m-%d %H:%M')}; "
           f"torch {torch.__version__}")
     return args
+
+
+def call_times_ms(fn, repeats: int, warmup: int = 1) -> list[float]:
+    """Milliseconds of each of `repeats` calls of `fn`, after `warmup` untimed calls."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
