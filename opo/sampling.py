@@ -147,8 +147,9 @@ def inverse_cdf_draw(weights: Tensor, generator: torch.Generator | None = None) 
     levels: the row's blocks of `SAMPLE_BLOCK` weights are summed and the block is chosen on
     their cumulative sum, then the index inside that block on its own cumulative sum. The law
     is the flat inverse CDF's; the work is one pass of block sums instead of a cumulative sum
-    over the whole vocabulary (torch.multinomial, one exponential variate per entry, cost
-    ~25 ms and a flat float64 cumsum ~10 ms per decode step of 32 SmolLM2 rows; this ~1 ms).
+    over the whole vocabulary (for 32 rows of SmolLM2's 49,152 tokens on a 2-core Xeon,
+    torch.multinomial, one exponential variate per entry, cost ~25 ms and a flat float64
+    cumsum ~10 ms; this ~1.4 ms: benchmarks/bench_sampling.py).
     Sums run in float64 so rounding cannot shift mass between entries. An entry of weight 0
     adds nothing to a cumulative sum, so it can never be the first to exceed u; u itself can
     round up to a total, and the last entry with weight (where the sum first reaches the total)
