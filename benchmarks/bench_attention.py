@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from machine import kernel_bench_args  # noqa: E402  (benchmarks/machine.py, beside this script)
+from machine import call_times_ms, kernel_bench_args  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 SHAPES = [(9, 29, 63), (4, 60, 63), (32, 20, 63), (11, 17, 63)]  # (rows, tokens, prompt)
 
@@ -67,13 +67,7 @@ def time_decode(rows: int, positions: int, dtype, grouped: bool, repeats: int) -
         call = lambda: F.scaled_dot_product_attention(q.reshape(rows, 3, 3, 64), k, v, attn_mask=mask)
     else:
         call = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        for _ in range(50):
-            call()
-        best = min(best, (time.perf_counter() - start) / 50)
-    return best * 1e6
+    return min(call_times_ms(lambda: [call() for _ in range(50)], repeats)) / 50 * 1e3  # us per call
 
 
 def main() -> None:

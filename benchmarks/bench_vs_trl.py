@@ -685,6 +685,9 @@ def _drop_weights(folder: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+MISMATCH_KEYS = ("logp_mismatch_mean", "logp_mismatch_max", "mismatch_kl")  # opo's per-step metrics
+
+
 def summarise(side: dict, warmup: int, timed: int, prompt_tokens_per_step: list[int],
               sequences_per_step: int) -> dict:
     """Median s/step, lengths, token rates and phase medians over the timed steps."""
@@ -695,7 +698,10 @@ def summarise(side: dict, warmup: int, timed: int, prompt_tokens_per_step: list[
         # Evaluation is logged apart (eval_seconds) and is not part of a step's `seconds`.
         names = sorted({k for r in rows for k in r if k.startswith("time_")})
         series = {k: ([float(r.get(k) or 0.0) for r in rows], classify_phase(k)) for k in names}
+        timed_rows = timed_slice(rows, warmup, timed)  # the sampler against the trainer, per timed step
+        mismatch = {k: [r[k] for r in timed_rows if r.get(k) is not None] for k in MISMATCH_KEYS}
     else:
+        mismatch = {}
         seconds = side["step_seconds"]
         lengths = side["response_length_mean"]
         series = trl_phase_series(seconds, side.get("phases", []))
@@ -705,11 +711,6 @@ def summarise(side: dict, warmup: int, timed: int, prompt_tokens_per_step: list[
         raise ValueError("a timed step has no response length logged")
     generated = [length * sequences_per_step for length in t_lengths]
     t_prompt = timed_slice(prompt_tokens_per_step, warmup, timed)
-    mismatch = {}
-    if side.get("side") == "opo":  # the sampler against the trainer, per timed step
-        timed_rows = timed_slice(side["rows"], warmup, timed)
-        mismatch = {k: [r[k] for r in timed_rows if r.get(k) is not None]
-                    for k in ("logp_mismatch_mean", "logp_mismatch_max", "mismatch_kl")}
     return {
         "mismatch": mismatch,
         "median_s": median(t_seconds),
@@ -905,7 +906,7 @@ def print_pair(pair: dict, machine: dict | None) -> dict:
         else:
             print(f"   {label} phases: none reported (only whole-step time)")
         mismatch = r["summary"].get("mismatch") or {}
-        if all(mismatch.get(k) for k in ("logp_mismatch_mean", "mismatch_kl")):
+        if all(mismatch.get(k) for k in MISMATCH_KEYS):
             span = lambda v, f: f"{min(v):{f}}-{max(v):{f}}"
             print(f"   {label} sampler/trainer mismatch over the timed steps: logp_mismatch_mean "
                   f"{span(mismatch['logp_mismatch_mean'], '.2e')}, logp_mismatch_max "
