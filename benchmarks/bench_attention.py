@@ -7,8 +7,8 @@ During scoring, a length bucket of `rows` responses of `tokens` tokens attends t
 tokens and to the shared prompt of `prompt` tokens, with a boolean mask. This times
 `F.scaled_dot_product_attention` (enable_gqa, which picks the flash kernel on a CPU) three
 ways: on bf16 inputs, on the same values in float32 (casts included), and as
-`opo.attention` runs it in a bf16 training step (the bf16 forward; in backward a float32
-recomputation and its backward). It prints milliseconds per call, best of `--repeats`, for
+`opo.attention` runs it in a bf16 training step (the bf16 flash forward; the float32 flash
+backward, given that forward's output and log-sum-exp). It prints milliseconds per call, best of `--repeats`, for
 the forward and for the backward.
 
 A second table times one decode step's attention (one new token per row over a cache of
@@ -32,7 +32,7 @@ SHAPES = [(9, 29, 63), (4, 60, 63), (32, 20, 63), (11, 17, 63)]  # (rows, tokens
 
 
 def time_call(rows: int, tokens: int, prompt: int, way: str, repeats: int) -> tuple[float, float]:
-    from opo.attention import _FloatBackward
+    from opo.attention import float_backward_sdpa
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(rows, 9, tokens, 64, generator=g).bfloat16().requires_grad_()
@@ -43,8 +43,7 @@ def time_call(rows: int, tokens: int, prompt: int, way: str, repeats: int) -> tu
     for _ in range(repeats + 1):  # the first is a warm-up
         start = time.perf_counter()
         if way == "opo":
-            run = lambda *qkv: F.scaled_dot_product_attention(*qkv, attn_mask=mask, enable_gqa=True)
-            out = _FloatBackward.apply(run, torch.bfloat16, q, k, v)
+            out = float_backward_sdpa(torch.bfloat16, q, k, v, attn_mask=mask, enable_gqa=True)
         else:
             args = (q.float(), k.float(), v.float()) if way == "float32" else (q, k, v)
             out = F.scaled_dot_product_attention(*args, attn_mask=mask, enable_gqa=True).to(torch.bfloat16)

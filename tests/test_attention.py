@@ -5,7 +5,9 @@ import copy
 import pytest
 import torch
 
-import transformers.integrations.sdpa_attention as sdpa_module
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from opo import attention
 from opo.rollout.fused import unsupported_reason
 
@@ -42,31 +44,82 @@ def test_without_gradients_or_autocast_it_is_sdpa_exactly(pair, autocast):
         assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
 
 
-def test_bf16_training_keeps_the_forward_and_takes_the_backward_in_float32(pair, monkeypatch):
+class _AtenLog(TorchDispatchMode):
+    """Records (op name, dtypes of its tensor arguments) for every aten call made under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dtypes = [a.dtype for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+        self.calls.append((func.overloadpacket.__name__, dtypes))
+        return func(*args, **kwargs)
+
+    def named(self, op):
+        return [dtypes for name, dtypes in self.calls if name == op]
+
+
+def test_bf16_training_keeps_the_forward_and_takes_the_backward_in_float32(pair):
     model, plain = pair
-    seen = []
-    real = sdpa_module.sdpa_attention_forward
-
-    def spy(module, q, k, v, *args, **kwargs):
-        seen.append((torch.is_grad_enabled(), q.dtype, torch.equal(q, q.to(torch.bfloat16).float())))
-        return real(module, q, k, v, *args, **kwargs)
-
-    monkeypatch.setattr(sdpa_module, "sdpa_attention_forward", spy)
     ids = _ids()
     outs = []
     for m in (model, plain):
         m.zero_grad(set_to_none=True)
-        seen.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = m(input_ids=ids).logits
-        logits.float().logsumexp(-1).sum().backward()
-        outs.append((logits.detach(), [p.grad.clone() for p in m.parameters()], list(seen)))
-    (la, ga, seen_a), (lb, gb, _) = outs
+        log = _AtenLog()
+        with log:
+            logits.float().logsumexp(-1).sum().backward()
+        outs.append((logits.detach(), [p.grad.clone() for p in m.parameters()], log))
+    (la, ga, log), (lb, gb, plain_log) = outs
     assert torch.equal(la, lb)  # the forward is SDPA's own: what the sampler computes
-    forward, backward = seen_a[:1], seen_a[1:]  # one layer: one call each way
-    assert forward == [(False, torch.float32, False)]  # run as given, autocast casts it (no graph)
-    assert backward == [(True, torch.float32, True)]   # float32 kernel on bf16-rounded values
+    # One layer: one flash backward, on float32 inputs, and no forward recomputed for it.
+    backward = log.named("_scaled_dot_product_flash_attention_for_cpu_backward")
+    assert len(backward) == 1 and set(backward[0]) == {torch.float32}
+    assert log.named("_scaled_dot_product_flash_attention_for_cpu") == []
+    assert torch.bfloat16 in plain_log.named("_scaled_dot_product_flash_attention_for_cpu_backward")[0]  # what it replaces
     # The gradient of the same function; only the kernel's internal rounding differs.
     for a, b in zip(ga, gb):
         assert (a - b).norm() <= 0.02 * b.norm() + 1e-6
     assert any(a.norm() > 0 for a in ga)
+
+
+def _qkv(shape_q, shape_kv, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape_q, generator=g).requires_grad_(),
+            torch.randn(shape_kv, generator=g).requires_grad_(),
+            torch.randn(shape_kv, generator=g).requires_grad_())
+
+
+def _float32_reference(q, k, v, grad_out, **kwargs):
+    """Gradients of float32 SDPA on the inputs rounded to bf16, as the bf16 forward sees them."""
+    rounded = [t.detach().bfloat16().float().requires_grad_() for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*rounded, **kwargs)
+    return torch.autograd.grad(out, rounded, grad_out)
+
+
+@pytest.mark.parametrize("case", ["grouped heads, causal", "boolean mask, padded rows", "3-D: recomputed"])
+def test_float_backward_sdpa_is_autocast_sdpa_forward_with_float32_gradients(case):
+    if case == "grouped heads, causal":
+        (q, k, v), kwargs = _qkv((3, 4, 7, 16), (3, 2, 7, 16)), {"is_causal": True, "enable_gqa": True}
+    elif case == "boolean mask, padded rows":
+        (q, k, v) = _qkv((3, 4, 5, 16), (3, 4, 9, 16))
+        mask = torch.ones(3, 1, 5, 9, dtype=torch.bool).tril(4)
+        mask[0, :, :, :3] = False  # a left-padded row
+        kwargs = {"attn_mask": mask}
+    else:  # 3-D inputs: not the flash kernel's, so the backward recomputes in float32
+        (q, k, v), kwargs = _qkv((6, 5, 16), (6, 8, 16)), {}
+    direct = attention._flash_takes(q, k, v, kwargs.get("attn_mask"), 0.0, kwargs.get("enable_gqa", False))
+    assert direct == (case != "3-D: recomputed")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        out = attention.float_backward_sdpa(torch.bfloat16, q, k, v, **kwargs)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).bfloat16().float()
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.bfloat16())
+    reference = _float32_reference(q, k, v, grad_out, **kwargs)
+    for got, want in zip(grads, reference):
+        assert got.dtype == torch.float32  # the inputs' own dtype, not rounded to bf16
+        assert (got - want).norm() <= 5e-3 * want.norm()
