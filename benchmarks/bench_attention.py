@@ -43,7 +43,7 @@ def time_call(rows: int, tokens: int, prompt: int, way: str, repeats: int) -> tu
     for _ in range(repeats + 1):  # the first is a warm-up
         start = time.perf_counter()
         if way == "opo":
-            out = float_backward_sdpa(torch.bfloat16, q, k, v, attn_mask=mask, enable_gqa=True)
+            out = float_backward_sdpa(torch.bfloat16, q, k, v, mask)
         else:
             args = (q.float(), k.float(), v.float()) if way == "float32" else (q, k, v)
             out = F.scaled_dot_product_attention(*args, attn_mask=mask, enable_gqa=True).to(torch.bfloat16)

@@ -1,5 +1,6 @@
-"""The attention function of a policy on a CPU: transformers' SDPA, whose backward pass
-runs in float32 where a gradient flows through it under bf16/fp16 autocast.
+"""The attention function of a policy on a CPU: transformers' SDPA, except where a gradient
+flows through it under bf16/fp16 autocast; there the forward is the same flash kernel and the
+backward runs in float32.
 
 Why: on a CPU, PyTorch's flash-attention backward for bf16 inputs is several times slower
 than for float32 inputs of the same shape (about 3.2 against 1.0 ms per call for a SmolLM2
@@ -7,30 +8,26 @@ layer at 9 rows x 29 tokens over a 63-token prompt; benchmarks/bench_attention.p
 training step of SmolLM2 makes over a hundred such calls (30 layers x the prompt pass and
 the length buckets).
 
-What changes in the numbers: the forward pass is SDPA's own bf16 kernel, so the log-probs
-the trainer scores are those of the same kernel the sampler runs (computing the forward in
-float32 too was tried: it moved the trainer away from the bf16 sampler, raising the
-measured mismatch by about a quarter). The backward pass is the float32 flash kernel's, fed
-the queries, keys and values rounded to the autocast dtype (exactly what the bf16 forward
-received) and the forward's own output and log-sum-exp: the gradient of the same function,
-with float32 rounding inside instead of bf16's. Generation, scoring without gradients,
-float32 training and GPUs go straight to SDPA.
+What changes in the numbers: nothing forward. The forward is the CPU flash kernel SDPA
+itself runs, on the inputs cast to the autocast dtype, so the log-probs the trainer scores
+are those of the kernel the sampler runs (bitwise; computing the forward in float32 too was
+tried: it moved the trainer away from the bf16 sampler, raising the measured mismatch by
+about a quarter). The backward is the float32 flash kernel's, fed the queries, keys and
+values as the bf16 forward received them and that forward's own output and log-sum-exp: the
+gradient of the same function, with float32 rounding inside instead of bf16's.
 
-How: transformers prepares the call (grouped heads, masks, causality) and calls
-`F.scaled_dot_product_attention`; under `_FloatBackwardMode` that one call is routed here.
-When the call is one the CPU flash kernel takes directly (no dropout, dense 4-D inputs, as
-many key/value heads as query heads or grouped ones under `enable_gqa`, a boolean or
-additive mask or none), the forward calls that
-kernel and keeps its output and log-sum-exp for the backward (`_FlashFloatBackward`). Any
-other call falls back to recomputing the attention in float32 during the backward
-(`_FloatBackward`): the same gradient, one more forward.
+Two more things come free from calling the kernel directly: grouped key/value heads go to it
+as they are (transformers repeats them whenever there is a mask, a copy forward and a sum
+backward per layer), and a boolean mask becomes the additive one once per call.
+
+Generation, scoring without gradients, float32 training, GPUs, and calls with features the
+direct path does not take (dropout, position biases, soft-capping) go straight to
+transformers' SDPA.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from opo.precision import autocast_low_dtype
 
@@ -38,66 +35,71 @@ NAME = "opo_sdpa"
 
 
 def _attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' attention-function signature: query [B, Hq, L, D], key and value
+    [B, Hkv, S, D] -> ([B, L, Hq, D], None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     low = autocast_low_dtype(query.device.type) if query.device.type == "cpu" else None
     if low is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        with _FloatBackwardMode(low):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        out = _float_backward_call(module, low, query, key, value, attention_mask, **kwargs)
+        if out is not None:
+            return out, None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-class _FloatBackwardMode(TorchFunctionMode):
-    """Routes `F.scaled_dot_product_attention` calls to `float_backward_sdpa`; every other
-    torch call passes through unchanged."""
-
-    def __init__(self, low: torch.dtype):
-        super().__init__()
-        self.low = low
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            return float_backward_sdpa(self.low, *args, **kwargs)
-        return func(*args, **kwargs)
-
-
-def float_backward_sdpa(low: torch.dtype, query, key, value, attn_mask=None, dropout_p=0.0,
-                        is_causal=False, scale=None, enable_gqa=False):
-    """`F.scaled_dot_product_attention` as CPU autocast to `low` computes it, with a float32
-    backward. query [B, Hq, L, D], key and value [B, Hkv, S, D] -> [B, Hq, L, D] in `low`."""
-    if _flash_takes(query, key, value, attn_mask, dropout_p, enable_gqa):
-        if attn_mask is not None:
-            # SDPA turns a boolean mask into an additive one of the query's dtype (0 where
-            # attended, -inf elsewhere); autocast casts a floating one to `low`.
-            attn_mask = (torch.zeros(attn_mask.shape, dtype=low, device=query.device).masked_fill_(~attn_mask, -torch.inf)
-                         if attn_mask.dtype == torch.bool else attn_mask.to(low))
-        return _FlashFloatBackward.apply(low, query, key, value, attn_mask, bool(is_causal), scale)
-    run = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                                         is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    return _FloatBackward.apply(run, low, query, key, value)
+def _float_backward_call(module, low, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                         is_causal=None, **kwargs):
+    """What transformers' `sdpa_attention_forward` computes, through `float_backward_sdpa`;
+    None for a call this path does not take."""
+    if dropout or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None \
+            or kwargs.get("output_attentions"):
+        return None
+    q_len, kv_len = query.shape[2], key.shape[2]
+    # As transformers decides it: the causal flag only without a mask and for more than one
+    # query; a causal prefill into a longer empty cache attends to its own positions only.
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
+    if is_causal and kv_len > q_len:
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    if not flash_takes(query, key, value, attention_mask):
+        return None
+    out = float_backward_sdpa(low, query, key, value, attention_mask, is_causal, scaling)
+    return out.transpose(1, 2).contiguous()
 
 
-def _flash_takes(query, key, value, attn_mask, dropout_p, enable_gqa) -> bool:
-    """Whether SDPA on a CPU would run this call on its flash kernel as given (the conditions
-    of PyTorch's CPU kernel choice that the calls of a training step can break). The kernel
-    takes grouped key/value heads itself, forward and backward."""
+def flash_takes(query, key, value, attn_mask=None) -> bool:
+    """Whether the CPU flash kernel takes these inputs as they are: dense 4-D tensors with
+    unit stride in the last dimension, equal head sizes, query heads a multiple of the
+    key/value heads, non-empty sequences, and a boolean or additive mask or none (PyTorch's
+    own conditions for choosing it on a CPU, less those a training step cannot break)."""
     tensors = (query, key, value)
     heads, kv_heads = query.shape[1], key.shape[1]
-    return (dropout_p == 0.0 and torch.backends.cuda.flash_sdp_enabled()
+    return (torch.backends.cuda.flash_sdp_enabled()
             and all(t.device.type == "cpu" and t.dim() == 4 and not t.is_nested and t.stride(-1) == 1
                     for t in tensors)
             and query.shape[0] == key.shape[0] == value.shape[0]
-            and kv_heads == value.shape[1] and (heads == kv_heads or (enable_gqa and heads % kv_heads == 0))
+            and kv_heads == value.shape[1] and heads % kv_heads == 0
             and query.shape[-1] == key.shape[-1] == value.shape[-1]
             and query.shape[2] > 0 and key.shape[2] > 0
             and (attn_mask is None or attn_mask.dtype == torch.bool or attn_mask.is_floating_point()))
 
 
+def float_backward_sdpa(low: torch.dtype, query, key, value, attn_mask=None, is_causal=False, scale=None):
+    """`F.scaled_dot_product_attention(..., enable_gqa=True)` as CPU autocast to `low` computes
+    it (the flash kernel on the inputs cast to `low`), with the float32 kernel's backward.
+    query [B, Hq, L, D], key and value [B, Hkv, S, D] (`flash_takes` them) -> [B, Hq, L, D]
+    in `low`; gradients in the inputs' own dtypes."""
+    if attn_mask is not None:
+        # SDPA turns a boolean mask into an additive one of the query's dtype (0 where
+        # attended, -inf elsewhere); autocast casts a floating one to `low`.
+        attn_mask = (torch.zeros(attn_mask.shape, dtype=low, device=query.device).masked_fill_(~attn_mask, -torch.inf)
+                     if attn_mask.dtype == torch.bool else attn_mask.to(low))
+    return _FlashFloatBackward.apply(low, query, key, value, attn_mask, bool(is_causal), scale)
+
+
 class _FlashFloatBackward(torch.autograd.Function):
-    """The CPU flash kernel forward on the inputs cast to `low` (as autocast would); its
-    float32 kernel backward, given the forward's output and log-sum-exp. Gradients come back
-    in the inputs' own dtypes, unrounded."""
+    """The CPU flash kernel forward on the inputs cast to `low`; its float32 kernel backward,
+    given the forward's output and log-sum-exp (nothing is recomputed)."""
 
     @staticmethod
     def forward(ctx, low, query, key, value, attn_mask, is_causal, scale):
@@ -116,26 +118,6 @@ class _FlashFloatBackward(torch.autograd.Function):
             grad_out.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, ctx.is_causal,
             attn_mask=None if attn_mask is None else attn_mask.float(), scale=ctx.scale)
         return (None,) + tuple(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)) + (None, None, None)
-
-
-class _FloatBackward(torch.autograd.Function):
-    """`run(q, k, v)` as it is (under the caller's autocast) forward; in float32 backward,
-    by recomputing it on the inputs rounded to `low`."""
-
-    @staticmethod
-    def forward(ctx, run, low, query, key, value):
-        ctx.run, ctx.low = run, low
-        ctx.save_for_backward(query, key, value)
-        with torch.no_grad():
-            return run(query, key, value)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        inputs = [t.detach().to(ctx.low).float().requires_grad_() for t in ctx.saved_tensors]
-        with torch.enable_grad(), torch.autocast(device_type=grad_out.device.type, enabled=False):
-            out = ctx.run(*inputs)
-            grads = torch.autograd.grad(out, inputs, grad_out.float())
-        return (None, None) + tuple(g.to(t.dtype) for g, t in zip(grads, ctx.saved_tensors))
 
 
 def register() -> None:

@@ -96,30 +96,42 @@ def _qkv(shape_q, shape_kv, seed=0):
 def _float32_reference(q, k, v, grad_out, **kwargs):
     """Gradients of float32 SDPA on the inputs rounded to bf16, as the bf16 forward sees them."""
     rounded = [t.detach().bfloat16().float().requires_grad_() for t in (q, k, v)]
-    out = F.scaled_dot_product_attention(*rounded, **kwargs)
+    out = F.scaled_dot_product_attention(*rounded, enable_gqa=True, **kwargs)
     return torch.autograd.grad(out, rounded, grad_out)
 
 
-@pytest.mark.parametrize("case", ["grouped heads, causal", "boolean mask, padded rows", "3-D: recomputed"])
+@pytest.mark.parametrize("case", ["causal", "boolean mask, padded row"])
 def test_float_backward_sdpa_is_autocast_sdpa_forward_with_float32_gradients(case):
-    if case == "grouped heads, causal":
-        (q, k, v), kwargs = _qkv((3, 4, 7, 16), (3, 2, 7, 16)), {"is_causal": True, "enable_gqa": True}
-    elif case == "boolean mask, padded rows":
-        (q, k, v) = _qkv((3, 4, 5, 16), (3, 4, 9, 16))
+    # 4 query heads over 2 key/value heads, as grouped-query attention
+    if case == "causal":
+        (q, k, v), kwargs = _qkv((3, 4, 7, 16), (3, 2, 7, 16)), {"is_causal": True}
+    else:
+        (q, k, v) = _qkv((3, 4, 5, 16), (3, 2, 9, 16))
         mask = torch.ones(3, 1, 5, 9, dtype=torch.bool).tril(4)
         mask[0, :, :, :3] = False  # a left-padded row
         kwargs = {"attn_mask": mask}
-    else:  # 3-D inputs: not the flash kernel's, so the backward recomputes in float32
-        (q, k, v), kwargs = _qkv((6, 5, 16), (6, 8, 16)), {}
-    direct = attention._flash_takes(q, k, v, kwargs.get("attn_mask"), 0.0, kwargs.get("enable_gqa", False))
-    assert direct == (case != "3-D: recomputed")
+    assert attention.flash_takes(q, k, v, kwargs.get("attn_mask"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = F.scaled_dot_product_attention(q, k, v, **kwargs)
-        out = attention.float_backward_sdpa(torch.bfloat16, q, k, v, **kwargs)
-    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).bfloat16().float()
-    grads = torch.autograd.grad(out, (q, k, v), grad_out.bfloat16())
-    reference = _float32_reference(q, k, v, grad_out, **kwargs)
+        grouped = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+        repeated = F.scaled_dot_product_attention(q, *(t.repeat_interleave(2, dim=1) for t in (k, v)), **kwargs)
+        out = attention.float_backward_sdpa(torch.bfloat16, q, k, v, kwargs.get("attn_mask"),
+                                            kwargs.get("is_causal", False))
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, grouped) and torch.equal(out, repeated)  # what transformers' SDPA computes
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    reference = _float32_reference(q, k, v, grad_out.float(), **kwargs)
     for got, want in zip(grads, reference):
         assert got.dtype == torch.float32  # the inputs' own dtype, not rounded to bf16
         assert (got - want).norm() <= 5e-3 * want.norm()
+
+
+def test_calls_the_direct_path_does_not_take_go_to_transformers_sdpa(pair):
+    model, _ = pair
+    module = model.model.layers[0].self_attn
+    q, k, v = _qkv((2, 4, 3, 8), (2, 4, 3, 8))
+    bias = torch.zeros(2, 4, 3, 3)
+    assert attention._float_backward_call(module, torch.bfloat16, q, k, v, None, position_bias=bias) is None
+    assert attention._float_backward_call(module, torch.bfloat16, q, k, v, None, dropout=0.1) is None
+    assert not attention.flash_takes(q[0], k[0], v[0])  # 3-D
+    assert attention._float_backward_call(module, torch.bfloat16, q, k, v, None) is not None
