@@ -920,17 +920,22 @@ def print_pair(pair: dict, machine: dict | None) -> dict:
 
 def print_dtype_summary(rows: dict, pairs: list[dict]) -> None:
     """Per model: TRL's step over opo's in each dtype (per step and per generated token), and
-    opo's bf16 step against its own fp32 step."""
-    opo_median = {(p["model"], p["dtype"]): p["results"].get("opo", {}).get("summary", {}).get("median_s")
-                  for p in pairs}
+    opo's bf16 step against its own fp32 step, per step and per generated token. The two
+    dtypes sample different responses (bf16 rounding changes the draws), so their steps can
+    hold different numbers of tokens: the mean response lengths are printed beside."""
+    opo = {(p["model"], p["dtype"]): p["results"].get("opo", {}).get("summary") for p in pairs}
     print("\n---- summary")
     for (model, dtype), row in rows.items():
         print(f"   {model} {dtype}: speed-up vs TRL per step {fmt(row['speedup'])}x, per generated token "
               f"{fmt(row['token_speedup'])}x, peak RSS opo/TRL {fmt(row['rss_ratio'])}")
     for model in dict.fromkeys(m for m, _ in rows):
-        fp32, bf16 = opo_median.get((model, "fp32")), opo_median.get((model, "bf16"))
+        fp32, bf16 = opo.get((model, "fp32")), opo.get((model, "bf16"))
         if fp32 and bf16:
-            print(f"   {model} opo bf16 against opo fp32: {fp32:.2f} / {bf16:.2f} s/step = {fp32 / bf16:.2f}x")
+            print(f"   {model} opo bf16 against opo fp32: per step {fp32['median_s']:.2f} / {bf16['median_s']:.2f} s "
+                  f"= {fp32['median_s'] / bf16['median_s']:.2f}x; per generated token "
+                  f"{bf16['gen_tokens_per_s']:.1f} / {fp32['gen_tokens_per_s']:.1f} tokens/s "
+                  f"= {bf16['gen_tokens_per_s'] / fp32['gen_tokens_per_s']:.2f}x (mean response "
+                  f"{bf16['mean_length']:.1f} tokens in bf16, {fp32['mean_length']:.1f} in fp32)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -208,10 +208,12 @@ def test_executed_flops_count_shared_prompts_once_and_trl_recomputation(bench):
 def test_summary_gives_each_dtype_and_bf16_against_fp32(bench, capsys):
     rows = {("smollm2", "fp32"): {"speedup": 3.03, "token_speedup": 2.92, "rss_ratio": 0.67},
             ("smollm2", "bf16"): {"speedup": 2.61, "token_speedup": 1.99, "rss_ratio": 0.84}}
-    pairs = [{"model": "smollm2", "dtype": d, "results": {"opo": {"summary": {"median_s": s}}}}
-             for d, s in (("fp32", 12.66), ("bf16", 8.76))]
+    pairs = [{"model": "smollm2", "dtype": d,
+              "results": {"opo": {"summary": {"median_s": s, "gen_tokens_per_s": rate, "mean_length": length}}}}
+             for d, s, rate, length in (("fp32", 12.66, 76.0, 30.7), ("bf16", 8.76, 127.8, 37.0))]
     bench.print_dtype_summary(rows, pairs)
     out = capsys.readouterr().out
     assert "smollm2 fp32: speed-up vs TRL per step 3.03x, per generated token 2.92x" in out
     assert "smollm2 bf16: speed-up vs TRL per step 2.61x" in out
-    assert "opo bf16 against opo fp32: 12.66 / 8.76 s/step = 1.45x" in out
+    assert ("opo bf16 against opo fp32: per step 12.66 / 8.76 s = 1.45x; per generated token "
+            "127.8 / 76.0 tokens/s = 1.68x (mean response 37.0 tokens in bf16, 30.7 in fp32)") in out
