@@ -70,8 +70,9 @@ def _float_backward_call(module, low, query, key, value, attention_mask, dropout
 def flash_takes(query, key, value, attn_mask=None) -> bool:
     """Whether the CPU flash kernel takes these inputs as they are: dense 4-D tensors with
     unit stride in the last dimension, equal head sizes, query heads a multiple of the
-    key/value heads, non-empty sequences, and a boolean or additive mask or none (PyTorch's
-    own conditions for choosing it on a CPU, less those a training step cannot break)."""
+    key/value heads, non-empty sequences, and a 4-D boolean or additive mask or none (PyTorch's
+    own conditions for choosing it on a CPU, less those a training step cannot break; the
+    mask's rank is ours: transformers always passes 4-D masks)."""
     tensors = (query, key, value)
     heads, kv_heads = query.shape[1], key.shape[1]
     return (torch.backends.cuda.flash_sdp_enabled()
@@ -81,7 +82,8 @@ def flash_takes(query, key, value, attn_mask=None) -> bool:
             and kv_heads == value.shape[1] and heads % kv_heads == 0
             and query.shape[-1] == key.shape[-1] == value.shape[-1]
             and query.shape[2] > 0 and key.shape[2] > 0
-            and (attn_mask is None or attn_mask.dtype == torch.bool or attn_mask.is_floating_point()))
+            and (attn_mask is None or (attn_mask.dim() == 4
+                                       and (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()))))
 
 
 def float_backward_sdpa(low: torch.dtype, query, key, value, attn_mask=None, is_causal=False, scale=None):

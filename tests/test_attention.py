@@ -93,15 +93,16 @@ def _qkv(shape_q, shape_kv, seed=0):
             torch.randn(shape_kv, generator=g).requires_grad_())
 
 
-def _float32_reference(q, k, v, grad_out, **kwargs):
-    """Gradients of float32 SDPA on the inputs rounded to bf16, as the bf16 forward sees them."""
-    rounded = [t.detach().bfloat16().float().requires_grad_() for t in (q, k, v)]
+def _float32_reference(q, k, v, grad_out, low, **kwargs):
+    """Gradients of float32 SDPA on the inputs rounded to `low`, as the low-precision forward sees them."""
+    rounded = [t.detach().to(low).float().requires_grad_() for t in (q, k, v)]
     out = F.scaled_dot_product_attention(*rounded, enable_gqa=True, **kwargs)
     return torch.autograd.grad(out, rounded, grad_out)
 
 
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", ["causal", "boolean mask, padded row"])
-def test_float_backward_sdpa_is_autocast_sdpa_forward_with_float32_gradients(case):
+def test_float_backward_sdpa_is_autocast_sdpa_forward_with_float32_gradients(case, low):
     # 4 query heads over 2 key/value heads, as grouped-query attention
     if case == "causal":
         (q, k, v), kwargs = _qkv((3, 4, 7, 16), (3, 2, 7, 16)), {"is_causal": True}
@@ -111,18 +112,17 @@ def test_float_backward_sdpa_is_autocast_sdpa_forward_with_float32_gradients(cas
         mask[0, :, :, :3] = False  # a left-padded row
         kwargs = {"attn_mask": mask}
     assert attention.flash_takes(q, k, v, kwargs.get("attn_mask"))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=low):
         grouped = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
         repeated = F.scaled_dot_product_attention(q, *(t.repeat_interleave(2, dim=1) for t in (k, v)), **kwargs)
-        out = attention.float_backward_sdpa(torch.bfloat16, q, k, v, kwargs.get("attn_mask"),
-                                            kwargs.get("is_causal", False))
-    assert out.dtype == torch.bfloat16
+        out = attention.float_backward_sdpa(low, q, k, v, kwargs.get("attn_mask"), kwargs.get("is_causal", False))
+    assert out.dtype == low
     assert torch.equal(out, grouped) and torch.equal(out, repeated)  # what transformers' SDPA computes
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(low)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    reference = _float32_reference(q, k, v, grad_out.float(), **kwargs)
+    reference = _float32_reference(q, k, v, grad_out.float(), low, **kwargs)
     for got, want in zip(grads, reference):
-        assert got.dtype == torch.float32  # the inputs' own dtype, not rounded to bf16
+        assert got.dtype == torch.float32  # the inputs' own dtype, not rounded to `low`
         assert (got - want).norm() <= 5e-3 * want.norm()
 
 
@@ -134,4 +134,5 @@ def test_calls_the_direct_path_does_not_take_go_to_transformers_sdpa(pair):
     assert attention._float_backward_call(module, torch.bfloat16, q, k, v, None, position_bias=bias) is None
     assert attention._float_backward_call(module, torch.bfloat16, q, k, v, None, dropout=0.1) is None
     assert not attention.flash_takes(q[0], k[0], v[0])  # 3-D
+    assert not attention.flash_takes(q, k, v, torch.ones(3, 3, dtype=torch.bool))  # a 2-D mask
     assert attention._float_backward_call(module, torch.bfloat16, q, k, v, None) is not None
