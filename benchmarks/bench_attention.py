@@ -8,8 +8,8 @@ tokens and to the shared prompt of `prompt` tokens, with a boolean mask. This ti
 `F.scaled_dot_product_attention` (enable_gqa, which picks the flash kernel on a CPU) three
 ways: on bf16 inputs, on the same values in float32 (casts included), and as
 `opo.attention` runs it in a bf16 training step (the bf16 flash forward; the float32 flash
-backward, given that forward's output and log-sum-exp). It prints milliseconds per call, best of `--repeats`, for
-the forward and for the backward.
+backward, given that forward's output and log-sum-exp). It prints milliseconds per call,
+best of `--repeats`, for the forward and for the backward.
 
 A second table times one decode step's attention (one new token per row over a cache of
 `positions`), as the fused decode step calls it (opo/rollout/fused.py: each key/value

@@ -86,16 +86,19 @@ def flash_takes(query, key, value, attn_mask=None) -> bool:
                                        and (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()))))
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True: attend) as the additive one SDPA makes of it before its
+    kernel runs: 0 where attended, -inf elsewhere, in `dtype` (the query's), same shape."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
+
+
 def float_backward_sdpa(low: torch.dtype, query, key, value, attn_mask=None, is_causal=False, scale=None):
     """`F.scaled_dot_product_attention(..., enable_gqa=True)` as CPU autocast to `low` computes
     it (the flash kernel on the inputs cast to `low`), with the float32 kernel's backward.
     query [B, Hq, L, D], key and value [B, Hkv, S, D] (`flash_takes` them) -> [B, Hq, L, D]
     in `low`; gradients in the inputs' own dtypes."""
-    if attn_mask is not None:
-        # SDPA turns a boolean mask into an additive one of the query's dtype (0 where
-        # attended, -inf elsewhere); autocast casts a floating one to `low`.
-        attn_mask = (torch.zeros(attn_mask.shape, dtype=low, device=query.device).masked_fill_(~attn_mask, -torch.inf)
-                     if attn_mask.dtype == torch.bool else attn_mask.to(low))
+    if attn_mask is not None:  # autocast casts a floating mask to `low`
+        attn_mask = additive_mask(attn_mask, low) if attn_mask.dtype == torch.bool else attn_mask.to(low)
     return _FlashFloatBackward.apply(low, query, key, value, attn_mask, bool(is_causal), scale)
 
 

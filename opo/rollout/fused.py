@@ -195,8 +195,7 @@ class FusedDecoder:
         cos, sin = self.rotary(x, positions[:, None])                  # [B, 1, D]
         cos, sin = cos[:, None], sin[:, None]                          # [B, 1, 1, D]: one per head
         # The boolean mask as the additive one attention makes of it, once rather than per layer.
-        mask = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
-        mask = mask.masked_fill_(~key_mask, float("-inf"))[:, None, None, :]         # [B, 1, 1, S]
+        mask = attention.additive_mask(key_mask, dtype)[:, None, None, :]             # [B, 1, 1, S]
         for layer, cache in zip(self.layers, cache_layers):
             qkv = layer.qkv(layer.norm_in(x))
             d, q_heads, k_end = layer.head_dim, layer.q_heads, layer.q_size + layer.kv_size
