@@ -263,3 +263,14 @@ def cache_kwarg(module) -> str:
     """The name of the key/value-cache argument of `module.forward`: transformers 5.x renamed
     `past_key_values` to `cache`; either generation of the library works."""
     return _cache_kwarg_for(type(module))
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether FSDP2 shards `module` or any part of it (then its forwards are collectives).
+    `opo.parallel` shards the decoder layers and the root, so this holds for the wrapped
+    policy and for the decoder inside it alike."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())

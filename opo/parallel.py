@@ -32,8 +32,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from opo.models import is_sharded
 from opo.schema import ConfigError
-from opo.sequences import Dist, Packed, ScoreModule, is_sharded
+from opo.sequences import Dist, Packed, ScoreModule
 
 PARALLEL_KINDS = ("ddp", "fsdp")
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from opo import output_layer, sampling
-from opo.models import cache_kwarg
+from opo import output_layer, packing, sampling
+from opo.models import cache_kwarg, is_sharded
 from opo.precision import autocast_low_dtype
 
 
@@ -215,23 +215,14 @@ def _pass_overhead(like: torch.Tensor) -> int:
     return 96 if autocast_low_dtype(like.device.type) else 32
 
 
-def is_sharded(module: torch.nn.Module) -> bool:
-    """Whether FSDP2 shards `module` or any part of it (then its forwards are collectives).
-    `opo.parallel` shards the decoder layers and the root, so this holds for the wrapped
-    policy and for the decoder inside it alike."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return False
-    return any(isinstance(m, FSDPModule) for m in module.modules())
-
-
 def _hidden_shared(model, packed: Packed) -> torch.Tensor:
     """Hidden states [B, T, H] that predict response tokens 0..T-1, one prompt pass per prompt.
 
-    The prompts run once; their keys and values then serve every row, and the responses run
-    in buckets of similar length (`length_buckets`), so short responses are not padded to
-    the longest one. Gradients reach each prompt pass once, through all rows that used it.
+    The prompts run once; their keys and values then serve every row. The responses run as
+    one packed batch where `opo.packing` can take the model (Llama-family decoders on a CPU),
+    otherwise in buckets of similar length (`length_buckets`), so short responses are not
+    padded to the longest one. Gradients reach each prompt pass once, through all rows that
+    used it.
     """
     from transformers import DynamicCache
 
@@ -251,6 +242,8 @@ def _hidden_shared(model, packed: Packed) -> torch.Tensor:
                   use_cache=True, **{kw: cache})
     last = out.last_hidden_state[:, -1]                         # [G, H]: predicts response token 0
     prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]
+    if packing.unsupported_reason(model) is None:  # one packed pass for all responses
+        return packing.response_hidden(decoder, packed, response_emb, prompt_kv, last, length_buckets)
     starts = packed.prompt_mask.sum(-1)                         # real prompt tokens per prompt
     hidden = last.new_zeros(b, t, last.shape[-1])
     # Under FSDP2 every decoder forward all-gathers each layer, so all ranks must make the same
