@@ -8,8 +8,8 @@ of a micro-batch are one [N, H] tensor, with no padding, for everything a decode
 token by token (norms, projections, rotary embedding, MLP); only attention, which needs
 each row's own tokens side by side, gathers them into padded per-bucket blocks and scatters
 its output back. On SmolLM2 at 32 rows on a 2-core Xeon (benchmarks/bench_buckets.py) the
-scoring pass and its backward run about 1.2x faster than in length buckets, in float32
-and under bf16 autocast alike.
+scoring pass and its backward ran 1.15-1.2x faster than in length buckets, in float32 and
+under bf16 autocast alike, and the products no longer see padding.
 
 The computation is that of transformers' forward for the family, module by module: this
 calls the layer's own norms, projections (LoRA-wrapped ones included), MLP, rotary
@@ -35,7 +35,8 @@ from opo.models import is_sharded
 FAMILIES = ("llama", "qwen2", "mistral")
 ATTENTION = ("sdpa", attention.NAME)
 # length_buckets' cost of one more attention block, in padded tokens: only attention runs per
-# bucket here, so it is cheap (SmolLM2, 32 rows: 32 beat 8 by ~5%; a throwaway timing).
+# bucket here (SmolLM2, 32 rows: 32 and 96 level in bench_buckets.py; 8 ~5% slower than 32 in
+# a throwaway timing).
 BUCKET_OVERHEAD = 32
 
 
