@@ -13,9 +13,9 @@ scores a fixed batch shaped like `bench_vs_trl`'s (4 prompts of 60 tokens x 8 re
 and prints seconds per call (best and median of `--repeats`) for each path and overhead, in
 float32 and under bf16 autocast. `--sampled N` adds N batches the fast engine samples from
 SmolLM2 itself (4 of the smollm2 preset's prompts x 8, at most 64 tokens, under each dtype;
-torch seed = the batch's number), scored the same ways. Every setting of a dtype runs once before any is timed
-(the first calls of a dtype are slower whichever setting they use), then the settings take
-turns, `--repeats` rounds.
+torch seed = the batch's number), scored the same ways. Every setting of a dtype runs once
+before any is timed (the first calls of a dtype are slower whichever setting they use),
+then the settings take turns, `--repeats` rounds.
 """
 
 from __future__ import annotations

@@ -274,3 +274,31 @@ def is_sharded(module: torch.nn.Module) -> bool:
     except ImportError:
         return False
     return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+# Decoder families whose layers are pre-norm residual blocks of RMSNorm, rotary self-attention
+# (q/k/v/o projections, biases allowed on q/k/v) and a gated MLP (gate/up/down): the fused
+# decode step (opo/rollout/fused.py) and packed scoring (opo/packing.py) compute these layers
+# themselves, each in its own way.
+LLAMA_FAMILIES = ("llama", "qwen2", "mistral")
+
+
+def llama_family_reason(model) -> str | None:
+    """Why `model` is not a decoder of `LLAMA_FAMILIES` with full attention in every layer
+    (None when it is): the architecture checks both of those paths need before their own."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in LLAMA_FAMILIES:
+        return f"model type {kind!r} is not one of {', '.join(LLAMA_FAMILIES)}"
+    if (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)) \
+            or any("sliding" in str(t) for t in (getattr(config, "layer_types", None) or [])):
+        return "sliding-window attention"
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        return "pretraining_tp > 1"
+    try:
+        layers = list(model.get_decoder().layers)
+    except AttributeError:
+        return "no decoder layers found"
+    if any(hasattr(getattr(layer, "self_attn", None), n) for layer in layers for n in ("q_norm", "k_norm")):
+        return "query/key norms"
+    return None

@@ -17,10 +17,10 @@ function and the attention function the model is configured with, in the order o
 family's decoder layer, with the same inputs; only the number of rows each product sees
 differs. Tests compare it with the bucketed path in float32 (log-probs and gradients).
 
-Where it runs: Llama-family decoders (`FAMILIES`) on a CPU, with SDPA attention, no sliding
-window, not sharded by FSDP2 (which gathers a layer's weights in that layer's forward,
-never called here) and no hooks on the layers. Anything else keeps the bucketed passes.
-GPUs keep them too until this is measured there.
+Where it runs: Llama-family decoders (`opo.models.LLAMA_FAMILIES`) on a CPU, with SDPA
+attention, no sliding window, not sharded by FSDP2 (which gathers a layer's weights in that
+layer's forward, never called here) and no hooks on the layers. Anything else keeps the
+bucketed passes. GPUs keep them too until this is measured there.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ import sys
 import torch
 
 from opo import attention
-from opo.models import is_sharded
+from opo.models import is_sharded, llama_family_reason
 
-FAMILIES = ("llama", "qwen2", "mistral")
 ATTENTION = ("sdpa", attention.NAME)
 # length_buckets' cost of one more attention block, in padded tokens: only attention runs per
 # bucket here (SmolLM2, 32 rows: 32 and 96 level in bench_buckets.py; 8 ~5% slower than 32 in
@@ -42,29 +41,22 @@ BUCKET_OVERHEAD = 32
 
 def unsupported_reason(model) -> str | None:
     """Why `response_hidden` cannot score `model`'s responses (None when it can)."""
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in FAMILIES:
-        return f"model type {getattr(config, 'model_type', None)!r} is not one of {', '.join(FAMILIES)}"
-    if getattr(config, "_attn_implementation", None) not in ATTENTION:
-        return f"attention implementation {getattr(config, '_attn_implementation', None)!r}"
-    if (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)) \
-            or any("sliding" in str(t) for t in (getattr(config, "layer_types", None) or [])):
-        return "sliding-window attention"
-    if getattr(config, "pretraining_tp", 1) not in (None, 1):
-        return "pretraining_tp > 1"
+    reason = llama_family_reason(model)  # the layers `response_hidden` walks through
+    if reason:
+        return reason
+    if getattr(model.config, "_attn_implementation", None) not in ATTENTION:
+        return f"attention implementation {getattr(model.config, '_attn_implementation', None)!r}"
     decoder = model.get_decoder()
     if next(decoder.parameters()).device.type != "cpu":
         return "not measured on this device"
     if is_sharded(decoder):
         return "sharded by FSDP2"
-    for name in ("layers", "norm", "rotary_emb"):
+    for name in ("norm", "rotary_emb"):
         if not hasattr(decoder, name):
             return f"decoder has no {name!r}"
     for layer in decoder.layers:
         if any(m._forward_hooks or m._forward_pre_hooks for m in (layer, layer.self_attn, layer.mlp)):
             return "forward hooks on a decoder layer"
-        if any(hasattr(layer.self_attn, n) for n in ("q_norm", "k_norm")):
-            return "query/key norms"
         if not hasattr(sys.modules[type(layer.self_attn).__module__], "apply_rotary_pos_emb"):
             return "no apply_rotary_pos_emb beside the attention module"
     return None
@@ -81,7 +73,7 @@ class _Plan:
     def __init__(self, packed, buckets: list[list[int]]):
         device = packed.response_ids.device
         fed = (packed.response_mask.sum(-1).long() - 1).clamp_min(0)         # [B]
-        self.rows, self.cols, self.blocks = [], [], []
+        rows_of, cols_of, self.blocks = [], [], []
         start = 0
         for rows in buckets:
             idx = torch.tensor(rows, dtype=torch.long, device=device)
@@ -95,16 +87,15 @@ class _Plan:
             # as a key, its output dropped as a query).
             gather = (flat.cumsum(0) - 1).clamp_min(0) + start
             r, c = valid.nonzero(as_tuple=True)
-            self.rows.append(idx[r])
-            self.cols.append(c)
+            rows_of.append(idx[r])
+            cols_of.append(c)
             keep = flat.nonzero().squeeze(1)
             key_ok = torch.ones(width, width, dtype=torch.bool, device=device).tril()[None] & valid[:, None, :]
             self.blocks.append((idx, gather, keep, width, key_ok))
             start += count
-        self.count = start
         empty = torch.zeros(0, dtype=torch.long, device=device)
-        self.row = torch.cat(self.rows) if self.rows else empty              # [N]
-        self.col = torch.cat(self.cols) if self.cols else empty              # [N]
+        self.row = torch.cat(rows_of) if rows_of else empty                  # [N]
+        self.col = torch.cat(cols_of) if cols_of else empty                  # [N]
 
 
 def response_hidden(decoder, packed, response_emb: torch.Tensor, prompt_kv: list, last: torch.Tensor,
@@ -118,7 +109,7 @@ def response_hidden(decoder, packed, response_emb: torch.Tensor, prompt_kv: list
     hidden = last.new_zeros(b, t, last.shape[-1])
     hidden = hidden.index_put((torch.arange(b, device=last.device), torch.zeros_like(packed.row_group)),
                               last[packed.row_group])
-    if plan.count == 0:
+    if plan.row.numel() == 0:
         return hidden
     x = response_emb[plan.row, plan.col]                                      # [N, H]
     starts = packed.prompt_mask.sum(-1)

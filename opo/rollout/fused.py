@@ -38,13 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from opo import attention
+from opo.models import llama_family_reason
 from opo.precision import autocast_low_dtype
-
-# Decoder families whose layers compute, token by token, exactly what `step` computes:
-# pre-norm residual blocks of RMSNorm, rotary self-attention (q/k/v/o projections, biases
-# allowed on q/k/v) and a gated MLP (gate/up/down, no biases).
-FAMILIES = ("llama", "qwen2", "mistral")
-
 
 class _Linear:
     """One weight (and bias) in the compute dtype, packed for oneDNN on a CPU where it can be.
@@ -111,24 +106,13 @@ def _cat_as(weights: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 
 def unsupported_reason(model) -> str | None:
     """Why `FusedDecoder` cannot run `model` (None when it can)."""
-    config = getattr(model, "config", None)
-    kind = getattr(config, "model_type", None)
-    if kind not in FAMILIES:
-        return f"model type {kind!r} is not one of {', '.join(FAMILIES)}"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return "sliding-window attention"
-    if any("sliding" in str(t) for t in (getattr(config, "layer_types", None) or [])):
-        return "sliding-window attention"
-    if getattr(config, "pretraining_tp", 1) not in (None, 1):
-        return "pretraining_tp > 1"
+    reason = llama_family_reason(model)  # the layers `step` computes token by token
+    if reason:
+        return reason
+    config = model.config
     if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", attention.NAME, "eager", None):
         return f"attention implementation {config._attn_implementation!r}"
-    try:
-        decoder = model.get_decoder()
-        layers = list(decoder.layers)
-    except AttributeError:
-        return "no decoder layers found"
-    for layer in layers:
+    for layer in model.get_decoder().layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
         linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
@@ -136,8 +120,6 @@ def unsupported_reason(model) -> str | None:
             return "projections are not plain Linear layers (LoRA adapters, quantised layers)"
         if any(m.bias is not None for m in linears[3:]):
             return "biases on the output or MLP projections"
-        if any(hasattr(attn, n) for n in ("q_norm", "k_norm")):
-            return "query/key norms"
         if any(type(p) not in (torch.Tensor, torch.nn.Parameter) for m in linears for p in m.parameters()):
             return "weights are sharded or wrapped tensors"
         if _has_hooks(layer):
