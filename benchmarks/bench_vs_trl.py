@@ -4,6 +4,7 @@
     python benchmarks/bench_vs_trl.py                      # smollm2 and tiny, fp32 and bf16
     python benchmarks/bench_vs_trl.py --models tiny --dtypes fp32 --steps 4
     python benchmarks/bench_vs_trl.py --only opo           # opo alone (no TRL needed)
+    python benchmarks/bench_vs_trl.py --models smollm2 --dtypes fp32,bf16 --seeds 0,1,2,3
 
 What it does, in order:
 
@@ -33,8 +34,16 @@ consecutive ``on_step_end`` callbacks (so everything the trainer does per step),
 phases taken from TRL's own profiling contexts (``transformers.generate``,
 ``_calculate_rewards``, ``compute_loss``).
 
+A seed fixes the problem set, the prompt order and the draws, so it fixes how long the
+responses are: runs of one code with different seeds differ by 10-20% in their steps for that
+reason alone, and a bf16 run samples other responses than the fp32 run of its seed.
+``--seeds 0,1,2,3`` runs every model and dtype once per seed and pools the ratios over them
+(each side's medians summed over the seeds, tokens/s over all timed steps, the largest peak
+RSS ratio); with one seed the pooled figures are that seed's.
+
 The last line printed is ``speedup_vs_trl: X.XX peak_rss_ratio: Y.YY`` for the fp32
-SmolLM2 row: TRL's median s/step over opo's, and opo's peak RSS over TRL's.
+SmolLM2 row (pooled over the seeds): TRL's median s/step over opo's, and opo's peak RSS over
+TRL's.
 """
 
 from __future__ import annotations
@@ -205,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
     ap.add_argument("--only", choices=("both", "trl", "opo"), default="both")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on both sides (0: all cores)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the seed of the problems, prompt order and draws")
+    ap.add_argument("--seeds", default="", help="comma-separated seeds to run one after another, the "
+                    "ratios pooled over them (replaces --seed)")
     ap.add_argument("--prompts-per-step", type=int, default=0, help="override the workload's")
     ap.add_argument("--max-new-tokens", type=int, default=0, help="override the workload's")
     ap.add_argument("--trl-gradient-checkpointing", choices=("on", "off"), default="on",
@@ -227,6 +238,20 @@ def check_args(args) -> None:
     args.model_list = parse_choices(args.models, list(WORKLOADS), "--models")
     args.dtype_list = (None if args.dtypes.strip().lower() == "auto"
                        else parse_choices(args.dtypes, DTYPE_ALIASES, "--dtypes"))
+    args.seed_list = parse_seeds(args.seeds) if args.seeds.strip() else [args.seed]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Comma-separated distinct non-negative integers, in the order given."""
+    seeds = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit():
+            raise ValueError(f"--seeds takes non-negative integers separated by commas; got {part!r}")
+        if int(part) in seeds:
+            raise ValueError(f"--seeds names {part} twice")
+        seeds.append(int(part))
+    return seeds
 
 
 # --------------------------------------------------------------------------- machine limits
@@ -787,7 +812,8 @@ def flop_report(label: str, summary: dict, n_params: int, machine: dict | None, 
 
 # --------------------------------------------------------------------------- the run
 
-def run_pair(model_key: str, dtype: str, args, work: Path, machine: dict | None, launcher: Launcher) -> dict:
+def run_pair(model_key: str, dtype: str, seed: int, args, work: Path, machine: dict | None,
+             launcher: Launcher) -> dict:
     from transformers import AutoTokenizer
 
     from opo.models import resolve_model_dir
@@ -796,10 +822,10 @@ def run_pair(model_key: str, dtype: str, args, work: Path, machine: dict | None,
     prompts_per_step = args.prompts_per_step or wl.prompts_per_step
     max_new = args.max_new_tokens or wl.max_new_tokens
     total = args.warmup + args.steps + 1
-    folder = work / f"{model_key}-{dtype}"
+    folder = work / f"{model_key}-{dtype}-seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model_dir(wl.model)
-    problems, order = prepare_prompts(wl, total, prompts_per_step, args.seed, folder)
+    problems, order = prepare_prompts(wl, total, prompts_per_step, seed, folder)
     order_path = folder / "order.json"
     order_path.write_text(json.dumps(order))
 
@@ -811,7 +837,7 @@ def run_pair(model_key: str, dtype: str, args, work: Path, machine: dict | None,
     k = wl.samples_per_prompt
     per_step = [k * sum(len(ids_opo[s * prompts_per_step + j]) for j in range(prompts_per_step))
                 for s in range(total)]
-    print(f"\n== {model_key} {dtype}: {model_dir}\n   {prompts_per_step} prompts x {k} samples, <= {max_new} new "
+    print(f"\n== {model_key} {dtype}, seed {seed}: {model_dir}\n   {prompts_per_step} prompts x {k} samples, <= {max_new} new "
           f"tokens, T=1, top_p=1, top_k off, lr {wl.lr:g}, {wl.template} prompts, reward exact_match; "
           f"{args.warmup} warm-up + {args.steps} timed + 1 untimed last step", flush=True)
     print(f"   TRL gradient_checkpointing={args.trl_gradient_checkpointing} (TRL's default: on); opo "
@@ -832,7 +858,7 @@ def run_pair(model_key: str, dtype: str, args, work: Path, machine: dict | None,
         spec = ChildSpec(side=side, model_key=model_key, dtype=dtype, model_dir=model_dir,
                          problems=str(problems), order=str(order_path), template=wl.template,
                          prompts_per_step=prompts_per_step, samples_per_prompt=k, max_new_tokens=max_new,
-                         lr=wl.lr, total_steps=total, threads=args.threads, seed=args.seed,
+                         lr=wl.lr, total_steps=total, threads=args.threads, seed=seed,
                          out_dir=str(out_dir), trl_gradient_checkpointing=args.trl_gradient_checkpointing == "on",
                          opo_overrides=list(args.opo_set))
         print(f"   running {side} ...", flush=True)
@@ -865,14 +891,14 @@ def run_pair(model_key: str, dtype: str, args, work: Path, machine: dict | None,
                       f"the planned prompt order")
     if checks:
         print("   prompt order check: " + "; ".join(checks))
-    return {"model": model_key, "dtype": dtype, "results": results, "batch": prompts_per_step * k, "k": k,
+    return {"model": model_key, "dtype": dtype, "seed": seed, "results": results, "batch": prompts_per_step * k, "k": k,
             "trl_checkpointing": args.trl_gradient_checkpointing == "on",
             "same_ids": same_ids, "n_params": count_parameters(model_dir)}
 
 
 def print_pair(pair: dict, machine: dict | None) -> dict:
     res = pair["results"]
-    print(f"\n-- {pair['model']} {pair['dtype']} --")
+    print(f"\n-- {pair['model']} {pair['dtype']}, seed {pair.get('seed', 0)} --")
     print(f"   {'side':<5} {'median s/step':>13} {'mean resp len':>13} {'gen tok/s':>10} {'peak RSS':>10}   "
           f"timed step seconds   (gen tok/s: generated tokens / step seconds, over the timed steps)")
     for side in ("trl", "opo"):
@@ -918,24 +944,73 @@ def print_pair(pair: dict, machine: dict | None) -> dict:
     return row
 
 
-def print_dtype_summary(rows: dict, pairs: list[dict]) -> None:
+def pool(pairs: list[dict]) -> dict:
+    """Per (model, dtype): each side's figures pooled over the seeds run, and the ratios.
+
+    A side's pooled s/step is the mean of its per-seed medians, its tokens/s the generated
+    tokens of all its timed steps over their seconds, its mean response the mean over the
+    seeds; the RSS ratio is the largest per-seed ratio. With one seed: that seed's figures.
+    A ratio is None unless both sides ran for every seed."""
+    out = {}
+    for key in dict.fromkeys((p["model"], p["dtype"]) for p in pairs):
+        runs = [p for p in pairs if (p["model"], p["dtype"]) == key]
+        sides = {}
+        for side in ("trl", "opo"):
+            done = [p["results"][side] for p in runs if "summary" in p["results"].get(side, {})]
+            if not done or len(done) < len(runs):
+                continue
+            summaries = [r["summary"] for r in done]
+            seconds = sum(sum(s["step_seconds"]) for s in summaries)
+            tokens = sum(s["generated_tokens"] * len(s["step_seconds"]) for s in summaries)
+            sides[side] = {"median_s": sum(s["median_s"] for s in summaries) / len(summaries),
+                           "gen_tokens_per_s": tokens / seconds,
+                           "mean_length": sum(s["mean_length"] for s in summaries) / len(summaries),
+                           "peak_rss": [r.get("peak_rss_bytes") for r in done]}
+        row = {"seeds": [p.get("seed", 0) for p in runs], "sides": sides,
+               "speedup": None, "token_speedup": None, "rss_ratio": None}
+        if "trl" in sides and "opo" in sides:
+            t, o = sides["trl"], sides["opo"]
+            row["speedup"] = ratio(t["median_s"], o["median_s"])
+            row["token_speedup"] = ratio(o["gen_tokens_per_s"], t["gen_tokens_per_s"])
+            per_seed = [ratio(a, b) for a, b in zip(o["peak_rss"], t["peak_rss"])]
+            row["rss_ratio"] = None if None in per_seed else max(per_seed)
+        out[key] = row
+    return out
+
+
+def print_dtype_summary(pairs: list[dict]) -> dict:
     """Per model: TRL's step over opo's in each dtype (per step and per generated token), and
-    opo's bf16 step against its own fp32 step, per step and per generated token. The two
-    dtypes sample different responses (bf16 rounding changes the draws), so their steps can
-    hold different numbers of tokens: the mean response lengths are printed beside."""
-    opo = {(p["model"], p["dtype"]): p["results"].get("opo", {}).get("summary") for p in pairs}
+    opo's bf16 step against its own fp32 step, per step and per generated token; per seed
+    when several ran, then pooled over them (see `pool`). The two dtypes sample different
+    responses (bf16 rounding changes the draws), so their steps can hold different numbers
+    of tokens: the mean response lengths are printed beside. Returns `pool(pairs)`."""
+    pooled = pool(pairs)
     print("\n---- summary")
-    for (model, dtype), row in rows.items():
-        print(f"   {model} {dtype}: speed-up vs TRL per step {fmt(row['speedup'])}x, per generated token "
-              f"{fmt(row['token_speedup'])}x, peak RSS opo/TRL {fmt(row['rss_ratio'])}")
-    for model in dict.fromkeys(m for m, _ in rows):
-        fp32, bf16 = opo.get((model, "fp32")), opo.get((model, "bf16"))
-        if fp32 and bf16:
-            print(f"   {model} opo bf16 against opo fp32: per step {fp32['median_s']:.2f} / {bf16['median_s']:.2f} s "
-                  f"= {fp32['median_s'] / bf16['median_s']:.2f}x; per generated token "
-                  f"{bf16['gen_tokens_per_s']:.1f} / {fp32['gen_tokens_per_s']:.1f} tokens/s "
-                  f"= {bf16['gen_tokens_per_s'] / fp32['gen_tokens_per_s']:.2f}x (mean response "
-                  f"{bf16['mean_length']:.1f} tokens in bf16, {fp32['mean_length']:.1f} in fp32)")
+    several = any(len(row["seeds"]) > 1 for row in pooled.values())
+    seeds = list(dict.fromkeys(p.get("seed", 0) for p in pairs))
+    groups = ([[p for p in pairs if p.get("seed", 0) == seed] for seed in seeds] if several else []) + [None]
+    for group in groups:
+        table = pool(group) if group else pooled
+        for (model, dtype), row in table.items():
+            label = f"seed {row['seeds'][0]}" if group else (
+                f"seeds {','.join(map(str, row['seeds']))} pooled" if several else "")
+            head = f"   {model} {dtype}" + (f" ({label})" if label else "")
+            if row["speedup"] is not None:
+                print(f"{head}: speed-up vs TRL per step {fmt(row['speedup'])}x, per generated token "
+                      f"{fmt(row['token_speedup'])}x, peak RSS opo/TRL {fmt(row['rss_ratio'])}")
+        for model in dict.fromkeys(m for m, _ in table):
+            fp32, bf16 = (table.get((model, d), {}).get("sides", {}).get("opo") for d in ("fp32", "bf16"))
+            if fp32 and bf16:
+                row = table[(model, "fp32")]
+                label = f"seed {row['seeds'][0]}" if group else (
+                    f"seeds {','.join(map(str, row['seeds']))} pooled" if several else "")
+                print(f"   {model} opo bf16 against opo fp32" + (f" ({label})" if label else "")
+                      + f": per step {fp32['median_s']:.2f} / {bf16['median_s']:.2f} s "
+                      f"= {fp32['median_s'] / bf16['median_s']:.2f}x; per generated token "
+                      f"{bf16['gen_tokens_per_s']:.1f} / {fp32['gen_tokens_per_s']:.1f} tokens/s "
+                      f"= {bf16['gen_tokens_per_s'] / fp32['gen_tokens_per_s']:.2f}x (mean response "
+                      f"{bf16['mean_length']:.1f} tokens in bf16, {fp32['mean_length']:.1f} in fp32)")
+    return pooled
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -992,21 +1067,23 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype_list, why = auto_dtypes(machine, cpu_flags())
         print(f"--dtypes auto: {why}")
     try:
-        pairs = [run_pair(m, d, args, work, machine, launcher) for m in args.model_list for d in args.dtype_list]
+        pairs = [run_pair(m, d, seed, args, work, machine, launcher)
+                 for seed in args.seed_list for m in args.model_list for d in args.dtype_list]
     finally:
         launcher.close()
     print("\n================ results (" + ("noisy if anything else ran on this CPU" ) + ")")
-    rows = {(p["model"], p["dtype"]): print_pair(p, machine) for p in pairs}
+    for pair in pairs:
+        print_pair(pair, machine)
     (work / "results.json").write_text(json.dumps({"machine": machine, "pairs": pairs}, indent=1, default=str))
     print(f"\nall records: {work / 'results.json'}")
 
-    failed = [f"{p['model']} {p['dtype']} {side}" for p in pairs for side, r in p["results"].items()
-              if "summary" not in r]
+    failed = [f"{p['model']} {p['dtype']} {side} (seed {p['seed']})" for p in pairs
+              for side, r in p["results"].items() if "summary" not in r]
     # bf16 is reported where a side supports it; an fp32 failure is a failure of the benchmark.
     hard_failures = [f for f in failed if " fp32 " in f]
     if failed:
         print("sides that did not run: " + ", ".join(failed))
-    print_dtype_summary(rows, pairs)
+    rows = print_dtype_summary(pairs)
     if args.only != "both":
         print(f"(only {args.only} was run: no ratio line)")
         return 1 if hard_failures else 0

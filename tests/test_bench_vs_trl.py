@@ -205,15 +205,63 @@ def test_executed_flops_count_shared_prompts_once_and_trl_recomputation(bench):
     assert bench.executed_training_flops("trl", n, summary, 8, False) == 6 * n * 1000
 
 
+def _pair(dtype, seed, trl, opo):
+    """A pair record as run_pair returns it; trl / opo: (median s, tokens a timed step, mean
+    response, peak RSS GiB) or None for a side that did not run."""
+    results = {}
+    for side, figures in (("trl", trl), ("opo", opo)):
+        if figures is None:
+            results[side] = {"error": "did not run"}
+            continue
+        med, tokens, length, rss = figures
+        results[side] = {"peak_rss_bytes": rss * 2**30,
+                         "summary": {"median_s": med, "step_seconds": [med] * 4, "generated_tokens": tokens,
+                                     "gen_tokens_per_s": tokens / med, "mean_length": length}}
+    return {"model": "smollm2", "dtype": dtype, "seed": seed, "results": results}
+
+
 def test_summary_gives_each_dtype_and_bf16_against_fp32(bench, capsys):
-    rows = {("smollm2", "fp32"): {"speedup": 3.03, "token_speedup": 2.92, "rss_ratio": 0.67},
-            ("smollm2", "bf16"): {"speedup": 2.61, "token_speedup": 1.99, "rss_ratio": 0.84}}
-    pairs = [{"model": "smollm2", "dtype": d,
-              "results": {"opo": {"summary": {"median_s": s, "gen_tokens_per_s": rate, "mean_length": length}}}}
-             for d, s, rate, length in (("fp32", 12.66, 76.0, 30.7), ("bf16", 8.76, 127.8, 37.0))]
-    bench.print_dtype_summary(rows, pairs)
+    pairs = [_pair("fp32", 0, (38.36, 900.0, 30.0, 8.0), (12.66, 982.4, 30.7, 5.36)),
+             _pair("bf16", 0, (22.86, 900.0, 30.0, 6.0), (8.76, 1184.0, 37.0, 5.04))]
+    rows = bench.print_dtype_summary(pairs)
     out = capsys.readouterr().out
-    assert "smollm2 fp32: speed-up vs TRL per step 3.03x, per generated token 2.92x" in out
+    assert "smollm2 fp32: speed-up vs TRL per step 3.03x, per generated token 3.31x, peak RSS opo/TRL 0.67" in out
     assert "smollm2 bf16: speed-up vs TRL per step 2.61x" in out
     assert ("opo bf16 against opo fp32: per step 12.66 / 8.76 s = 1.45x; per generated token "
-            "127.8 / 76.0 tokens/s = 1.68x (mean response 37.0 tokens in bf16, 30.7 in fp32)") in out
+            "135.2 / 77.6 tokens/s = 1.74x (mean response 37.0 tokens in bf16, 30.7 in fp32)") in out
+    assert "seed" not in out  # one seed: no per-seed lines
+    assert rows[("smollm2", "fp32")]["speedup"] == pytest.approx(38.36 / 12.66)
+
+
+def test_seeds_are_parsed_and_pooled(bench, capsys):
+    args = bench.build_parser().parse_args(["--seeds", "0, 2,1"])
+    bench.check_args(args)
+    assert args.seed_list == [0, 2, 1]
+    args = bench.build_parser().parse_args(["--seed", "5"])
+    bench.check_args(args)
+    assert args.seed_list == [5]
+    for bad in ("1,1", "a", "-1", "1,,2"):
+        with pytest.raises(ValueError, match="--seeds"):
+            bench.check_args(bench.build_parser().parse_args(["--seeds", bad]))
+    # Two seeds: one with short responses (fast steps), one with long ones.
+    pairs = [_pair("fp32", 0, (40.0, 800.0, 25.0, 8.0), (10.0, 800.0, 25.0, 5.0)),
+             _pair("bf16", 0, (24.0, 800.0, 25.0, 6.0), (6.0, 800.0, 25.0, 4.2)),
+             _pair("fp32", 1, (50.0, 1200.0, 37.5, 8.0), (14.0, 1200.0, 37.5, 5.6)),
+             _pair("bf16", 1, (30.0, 1200.0, 37.5, 6.0), (10.0, 1200.0, 37.5, 4.2))]
+    rows = bench.print_dtype_summary(pairs)
+    out = capsys.readouterr().out
+    fp32 = rows[("smollm2", "fp32")]
+    assert fp32["seeds"] == [0, 1]
+    assert fp32["speedup"] == pytest.approx(45.0 / 12.0)  # mean medians: TRL 45, opo 12
+    # tokens/s over all timed steps: opo 8000 tokens in 96 s, TRL 8000 in 360 s
+    assert fp32["token_speedup"] == pytest.approx((8000 / 96) / (8000 / 360))
+    assert fp32["rss_ratio"] == pytest.approx(0.7)  # the larger of 5/8 and 5.6/8
+    assert "smollm2 fp32 (seed 0): speed-up vs TRL per step 4.00x" in out
+    assert "smollm2 fp32 (seed 1): speed-up vs TRL per step 3.57x" in out
+    assert "smollm2 fp32 (seeds 0,1 pooled): speed-up vs TRL per step 3.75x" in out
+    assert "opo bf16 against opo fp32 (seed 0): per step 10.00 / 6.00 s = 1.67x" in out
+    assert "opo bf16 against opo fp32 (seeds 0,1 pooled): per step 12.00 / 8.00 s = 1.50x" in out
+    # A side missing for one seed: no pooled ratio for that dtype.
+    pairs[3]["results"]["trl"] = {"error": "did not run"}
+    assert bench.pool(pairs)[("smollm2", "bf16")]["speedup"] is None
+    assert bench.pool(pairs)[("smollm2", "fp32")]["speedup"] == pytest.approx(45.0 / 12.0)
