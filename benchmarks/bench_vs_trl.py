@@ -38,7 +38,7 @@ A seed fixes the problem set, the prompt order and the draws, so it fixes how lo
 responses are: runs of one code with different seeds differ by 10-20% in their steps for that
 reason alone, and a bf16 run samples other responses than the fp32 run of its seed.
 ``--seeds 0,1,2,3`` runs every model and dtype once per seed and pools the ratios over them
-(each side's medians summed over the seeds, tokens/s over all timed steps, the largest peak
+(each side's medians averaged over the seeds, tokens/s over all timed steps, the largest peak
 RSS ratio); with one seed the pooled figures are that seed's.
 
 The last line printed is ``speedup_vs_trl: X.XX peak_rss_ratio: Y.YY`` for the fp32
@@ -896,7 +896,7 @@ def run_pair(model_key: str, dtype: str, seed: int, args, work: Path, machine: d
             "same_ids": same_ids, "n_params": count_parameters(model_dir)}
 
 
-def print_pair(pair: dict, machine: dict | None) -> dict:
+def print_pair(pair: dict, machine: dict | None) -> None:
     res = pair["results"]
     print(f"\n-- {pair['model']} {pair['dtype']}, seed {pair.get('seed', 0)} --")
     print(f"   {'side':<5} {'median s/step':>13} {'mean resp len':>13} {'gen tok/s':>10} {'peak RSS':>10}   "
@@ -912,12 +912,8 @@ def print_pair(pair: dict, machine: dict | None) -> dict:
         s = r["summary"]
         print(f"   {label:<5} {s['median_s']:>13.2f} {s['mean_length']:>13.1f} {s['gen_tokens_per_s']:>10.1f} "
               f"{fmt_bytes(r['peak_rss_bytes']):>10}   " + " ".join(f"{x:.2f}" for x in s["step_seconds"]))
-    row = {"speedup": None, "rss_ratio": None, "token_speedup": None}
-    if "summary" in res.get("trl", {}) and "summary" in res.get("opo", {}):
-        t, o = res["trl"], res["opo"]
-        row["speedup"] = ratio(t["summary"]["median_s"], o["summary"]["median_s"])
-        row["rss_ratio"] = ratio(o["peak_rss_bytes"], t["peak_rss_bytes"])
-        row["token_speedup"] = ratio(o["summary"]["gen_tokens_per_s"], t["summary"]["gen_tokens_per_s"])
+    row = pool([pair])[(pair["model"], pair["dtype"])]
+    if row["speedup"] is not None:
         print(f"   ratios: speed-up per step (TRL s/step / opo s/step) {fmt(row['speedup'])}x; "
               f"per generated token {fmt(row['token_speedup'])}x; peak RSS opo/TRL {fmt(row['rss_ratio'])}")
     for side in ("trl", "opo"):
@@ -941,7 +937,6 @@ def print_pair(pair: dict, machine: dict | None) -> dict:
         for line in flop_report(label, r["summary"], pair["n_params"], machine, pair["dtype"], pair["batch"],
                                 executed):
             print(line)
-    return row
 
 
 def pool(pairs: list[dict]) -> dict:
@@ -957,7 +952,7 @@ def pool(pairs: list[dict]) -> dict:
         sides = {}
         for side in ("trl", "opo"):
             done = [p["results"][side] for p in runs if "summary" in p["results"].get(side, {})]
-            if not done or len(done) < len(runs):
+            if len(done) < len(runs):
                 continue
             summaries = [r["summary"] for r in done]
             seconds = sum(sum(s["step_seconds"]) for s in summaries)
@@ -986,26 +981,20 @@ def print_dtype_summary(pairs: list[dict]) -> dict:
     of tokens: the mean response lengths are printed beside. Returns `pool(pairs)`."""
     pooled = pool(pairs)
     print("\n---- summary")
-    several = any(len(row["seeds"]) > 1 for row in pooled.values())
     seeds = list(dict.fromkeys(p.get("seed", 0) for p in pairs))
-    groups = ([[p for p in pairs if p.get("seed", 0) == seed] for seed in seeds] if several else []) + [None]
-    for group in groups:
-        table = pool(group) if group else pooled
+    tables = [("", pooled)]  # (label, pooled figures): one seed, no label
+    if len(seeds) > 1:
+        tables = [(f" (seed {seed})", pool([p for p in pairs if p.get("seed", 0) == seed])) for seed in seeds]
+        tables.append((f" (seeds {','.join(map(str, seeds))} pooled)", pooled))
+    for label, table in tables:
         for (model, dtype), row in table.items():
-            label = f"seed {row['seeds'][0]}" if group else (
-                f"seeds {','.join(map(str, row['seeds']))} pooled" if several else "")
-            head = f"   {model} {dtype}" + (f" ({label})" if label else "")
             if row["speedup"] is not None:
-                print(f"{head}: speed-up vs TRL per step {fmt(row['speedup'])}x, per generated token "
+                print(f"   {model} {dtype}{label}: speed-up vs TRL per step {fmt(row['speedup'])}x, per generated token "
                       f"{fmt(row['token_speedup'])}x, peak RSS opo/TRL {fmt(row['rss_ratio'])}")
         for model in dict.fromkeys(m for m, _ in table):
             fp32, bf16 = (table.get((model, d), {}).get("sides", {}).get("opo") for d in ("fp32", "bf16"))
             if fp32 and bf16:
-                row = table[(model, "fp32")]
-                label = f"seed {row['seeds'][0]}" if group else (
-                    f"seeds {','.join(map(str, row['seeds']))} pooled" if several else "")
-                print(f"   {model} opo bf16 against opo fp32" + (f" ({label})" if label else "")
-                      + f": per step {fp32['median_s']:.2f} / {bf16['median_s']:.2f} s "
+                print(f"   {model} opo bf16 against opo fp32{label}: per step {fp32['median_s']:.2f} / {bf16['median_s']:.2f} s "
                       f"= {fp32['median_s'] / bf16['median_s']:.2f}x; per generated token "
                       f"{bf16['gen_tokens_per_s']:.1f} / {fp32['gen_tokens_per_s']:.1f} tokens/s "
                       f"= {bf16['gen_tokens_per_s'] / fp32['gen_tokens_per_s']:.2f}x (mean response "
